@@ -1,0 +1,1 @@
+"""The `ssmkit` command and the shared training runner."""

@@ -1,0 +1,1 @@
+"""Waveform models (SaShiMi), WAV/mu-law data and fast recurrent generation."""

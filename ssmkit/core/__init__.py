@@ -1,0 +1,4 @@
+"""The math of ssmkit in readable PyTorch: selective scans and the state-space mixers built on them."""
+from ssmkit.core.scan import selective_scan, selective_state_update
+
+__all__ = ["selective_scan", "selective_state_update"]

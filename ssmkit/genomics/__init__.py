@@ -1,0 +1,1 @@
+"""HyenaDNA models, the DNA tokenizer, FASTA/BED and benchmark data, official checkpoints."""

@@ -1,0 +1,1 @@
+"""MambaMIL and baselines over whole-slide-image patch features, slide tiling, survival heads."""

@@ -1,0 +1,1 @@
+"""Image models (Vision Mamba, ViG, MaIR), scan orders, image data and metrics."""
