@@ -149,7 +149,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     reverse: scan from the last position to the first. seq_idx: (batch, length) ints; the state resets
     where it changes (packed variable-length sequences). backend: "ref", "chunked", "triton" or None
     (fastest available; the SSMKIT_BACKEND environment variable overrides None).
-    Returns y (dtype of u), or (y, last_state) with last_state (batch, dim, d_state) fp32, differentiable.
+    Returns y (dtype of u), or (y, last_state) with last_state (batch, dim, d_state), differentiable,
+    in fp32 (fp64 when u is fp64).
     """
     B, C = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     name = _pick_backend(backend, u.device)
@@ -180,12 +181,14 @@ def _opt(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
+                           backend=None):
     """One step of the scan for generation: updates `state` (batch, dim, d_state) in place, returns y.
 
     x, dt, z: (batch, dim). A: (dim, d_state). B, C: (batch, d_state) or (batch, groups, d_state).
-    D, dt_bias: (dim,). Returns y (batch, dim) in the dtype of x. Equal to one position of
-    `selective_scan` continued from `state`.
+    D, dt_bias: (dim,). Returns y (batch, dim) in the dtype of x; equal to one position of
+    `selective_scan` continued from `state`. backend: "triton" runs the fused GPU kernel; any other
+    choice runs the PyTorch code below (fp32, or fp64 when the state or x is fp64).
     """
     for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A)):
         _check_float(name, t)
@@ -208,11 +211,11 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     B, C = groups
     _check_vector("D", D, dim)
     _check_vector("dt_bias", dt_bias, dim)
-    if state.device.type == "cuda" and _triton_ready(state.device) and os.environ.get("SSMKIT_BACKEND") != "chunked":
+    if _pick_backend(backend, state.device) == "triton":
         from ssmkit.kernels.selective_scan import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    cd = state.dtype if state.dtype == torch.float64 else torch.float32
+    cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
     step = dt.to(cd)
     if dt_bias is not None:
         step = step + dt_bias.to(cd)
@@ -311,15 +314,26 @@ class _Layout:
         keep = F.pad(keep, (0, self.pad), value=1.0)
         return keep.view(self.batch, self.nc, self.T).permute(2, 0, 1).reshape(self.T, self.batch, 1, self.nc, 1, 1)
 
-    def decays(self, dt_s, A_v, keep_s) -> torch.Tensor:
-        """exp(dt_t * A) (times the reset gate) at every position: (T, b, G, nc, Dg, N)."""
-        a = torch.exp(dt_s.unsqueeze(-1) * A_v)
-        return a if keep_s is None else a.mul_(keep_s)
-
     def chunk_decay(self, dt_s, A_v, keep_s) -> torch.Tensor:
         """Product of the decays over each chunk: (b, G, nc, Dg, N)."""
         P = torch.exp(dt_s.sum(0).unsqueeze(-1) * A_v)
         return P if keep_s is None else P * keep_s.prod(0)
+
+
+class _Decay:
+    """exp(dt_t * A) (times the reset gate) at one position, written into one reused buffer.
+
+    Computing it per step, rather than once for all positions, keeps every temporary at
+    1/T of the (batch, dim, L, N) size; fresh allocations of that full size cost more than the exp.
+    """
+
+    def __init__(self, dt_s, A_v, keep_s, state_shape):
+        self.dt_s, self.A_v, self.keep_s = dt_s, A_v, keep_s
+        self.buf = dt_s.new_empty(state_shape)
+
+    def __call__(self, t: int) -> torch.Tensor:
+        a = torch.mul(self.dt_s[t].unsqueeze(-1), self.A_v, out=self.buf).exp_()
+        return a if self.keep_s is None else a.mul_(self.keep_s[t])
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -331,12 +345,12 @@ class _ChunkedScan(torch.autograd.Function):
         B_s, C_s = lay.bc(B), lay.bc(C)
         A_v = A.view(G, 1, Dg, N)
         keep_s = None if keep is None else lay.gate(keep)
-        a = lay.decays(dt_s, A_v, keep_s)
+        decay = _Decay(dt_s, A_v, keep_s, (b, G, nc, Dg, N))
 
         # pass 1: each chunk's end state when it starts from zero
         h = u.new_zeros(b, G, nc, Dg, N)
         for t in lay.steps:
-            h.mul_(a[t]).addcmul_(dtu_s[t].unsqueeze(-1), B_s[t])
+            h.mul_(decay(t)).addcmul_(dtu_s[t].unsqueeze(-1), B_s[t])
         # carry the true states across chunks
         P = lay.chunk_decay(dt_s, A_v, keep_s)
         starts = torch.empty_like(h)
@@ -346,10 +360,10 @@ class _ChunkedScan(torch.autograd.Function):
             s = P[:, :, c] * s + h[:, :, c]
         last = s.reshape(b, lay.dim, N)
         # pass 2: outputs, every chunk starting from its true state
-        h = starts.clone()
+        h.copy_(starts)
         y_s = u.new_empty(T, b, G, nc, Dg, 1)
         for t in lay.steps:
-            h.mul_(a[t]).addcmul_(dtu_s[t].unsqueeze(-1), B_s[t])
+            h.mul_(decay(t)).addcmul_(dtu_s[t].unsqueeze(-1), B_s[t])
             torch.matmul(h, C_s[t].mT, out=y_s[t])
         ctx.save_for_backward(u, dt, A, B, C, keep, starts)
         ctx.has_h0 = h0 is not None
@@ -360,26 +374,26 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, dy, dlast):
         u, dt, A, B, C, keep, starts = ctx.saved_tensors
         lay = _Layout(u, B.shape[1], ctx.T, ctx.reverse)
-        b, G, Dg, nc, N = lay.batch, lay.G, lay.Dg, lay.nc, A.shape[1]
+        b, G, Dg, nc, N, T = lay.batch, lay.G, lay.Dg, lay.nc, A.shape[1], ctx.T
         u_s, dt_s = lay.seq(u), lay.seq(dt)
         dtu_s = dt_s * u_s
         B_s, C_s = lay.bc(B), lay.bc(C)
         dy_s = lay.seq(dy).unsqueeze(-1)  # (T, b, G, nc, Dg, 1)
         A_v = A.view(G, 1, Dg, N)
         keep_s = None if keep is None else lay.gate(keep)
-        a = lay.decays(dt_s, A_v, keep_s)
+        decay = _Decay(dt_s, A_v, keep_s, starts.shape)
 
         # recompute every state h_t; dC_t = sum over the group's channels of dy_t h_t
-        hs = torch.empty_like(a)
+        hs = u.new_empty(T, *starts.shape)
         h = starts
         for t in lay.steps:
-            h = torch.addcmul(h * a[t], dtu_s[t].unsqueeze(-1), B_s[t], out=hs[t])
+            h = torch.mul(h, decay(t), out=hs[t]).addcmul_(dtu_s[t].unsqueeze(-1), B_s[t])
         dC_s = dy_s.mT @ hs
 
         # adjoint g_t = dL/dh_t runs backwards: g_t = C_t dy_t + a_next g_next. First per chunk from zero ...
         ga = torch.zeros_like(starts)
         for t in reversed(lay.steps):
-            ga = torch.addcmul(ga, C_s[t], dy_s[t]).mul_(a[t])
+            ga = torch.addcmul(ga, C_s[t], dy_s[t]).mul_(decay(t))
         # ... then carried across chunks: r = dL/d(state entering the chunk)
         P = lay.chunk_decay(dt_s, A_v, keep_s)
         right = torch.empty_like(starts)  # adjoint arriving at each chunk's end from the later chunks
@@ -389,20 +403,23 @@ class _ChunkedScan(torch.autograd.Function):
             r = ga[:, :, c] + P[:, :, c] * r
         dh0 = r.reshape(b, lay.dim, N) if ctx.has_h0 else None
 
-        # final pass: g_t into gs, and q_t = dL/d(dt_t A) = g_t a_t h_prev (over hs, no longer needed)
-        gs = torch.empty_like(a)
+        # final pass, position by position: q_t = dL/d(dt_t A) = g_t a_t h_prev overwrites hs[t]
+        s_s = torch.empty_like(dy_s)  # sum_n g_t B_t
+        dB_s = u.new_empty(T, b, G, nc, 1, N)
         qA = torch.empty_like(dt_s)
         dA = torch.zeros_like(starts)
         first, prev = lay.steps[0], (1 if ctx.reverse else -1)
         ga = right
         for t in reversed(lay.steps):
-            g = torch.addcmul(ga, C_s[t], dy_s[t], out=gs[t])
+            g = torch.addcmul(ga, C_s[t], dy_s[t])
+            a = decay(t)
             h_prev = starts if t == first else hs[t + prev]
-            q = torch.mul(h_prev, a[t], out=hs[t]).mul_(g)
-            ga = a[t].mul_(g)
+            q = torch.mul(h_prev, a, out=hs[t]).mul_(g)
+            torch.matmul(g, B_s[t].mT, out=s_s[t])
+            torch.matmul(dtu_s[t].unsqueeze(-2), g, out=dB_s[t])
+            ga = g.mul_(a)
             torch.sum(q * A_v, dim=-1, out=qA[t])
             dA.addcmul_(q, dt_s[t].unsqueeze(-1))
-        s = (gs @ B_s.mT).squeeze(-1)  # sum_n g_t B_t
-        dB_s = dtu_s.unsqueeze(-2) @ gs
-        return (lay.unseq(dt_s * s), lay.unseq(qA + u_s * s), dA.sum((0, 2)).reshape(lay.dim, N),
+        s_s = s_s.squeeze(-1)
+        return (lay.unseq(dt_s * s_s), lay.unseq(qA + u_s * s_s), dA.sum((0, 2)).reshape(lay.dim, N),
                 lay.unbc(dB_s), lay.unbc(dC_s), dh0, None, None, None)
