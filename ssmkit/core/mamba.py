@@ -1,0 +1,451 @@
+"""The Mamba-1 mixer, its second-branch variants (bidirectional, sequence-reordered) and a small LM.
+
+`Mamba` uses mamba_ssm's parameter names, shapes and initialisation, so a mamba_ssm `Mamba` state dict
+loads unchanged. With `branch_order` it gains a second set of direction parameters under Vision Mamba's
+names (`conv1d_b`, `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`) that scans the sequence in another order:
+`"flip"` gives Vim's "bimamba v2" mixer, `StridedOrder(R)` gives MambaMIL's SR-Mamba mixer, and the
+vision package passes its own 2-D scan orders as `SequenceOrder` subclasses. All the math goes through
+`ssmkit.core.scan` (`selective_scan` for sequences, `selective_state_update` for one-step generation).
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+from ssmkit.core.scan import selective_scan, selective_state_update
+
+__all__ = [
+    "SequenceOrder",
+    "FlipOrder",
+    "StridedOrder",
+    "MambaCache",
+    "Mamba",
+    "RMSNorm",
+    "MambaBlock",
+    "MambaLM",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequence orders for the second branch
+
+
+class SequenceOrder:
+    """A reordering of a length-L sequence, used by the second branch of `Mamba`.
+
+    Subclasses implement only `index(length, device)`: a 1-D LongTensor `idx` such that the reordered
+    sequence is `padded[idx]`, where `padded` is the sequence followed by zeros. Entries >= `length` read
+    a zero (padding), so `len(idx)` may exceed `length`; the entries < `length` must be a permutation of
+    0..length-1. `gather` and `scatter` apply the order and undo it (dropping the padded positions); the
+    checked indices are cached per (length, device), keeping the most recent `cache_size` lengths.
+    """
+
+    cache_size = 64
+
+    def index(self, length: int, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _indices(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gather index with padding entries clamped to `length`, inverse index of length `length`)."""
+        cache = self.__dict__.setdefault("_index_cache", OrderedDict())
+        key = (length, torch.device(device))
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        idx = self.index(length, device).to(device=device, dtype=torch.long)
+        real = torch.nonzero(idx < length).squeeze(1) if idx.dim() == 1 else idx.new_empty(0)
+        if (
+            real.numel() != length
+            or bool((idx < 0).any())
+            or not torch.equal(idx[real].sort().values, torch.arange(length, device=device))
+        ):
+            raise ValueError(
+                f"{self!r}.index({length}) must be a 1-D index whose entries < {length} are a permutation "
+                f"of 0..{length - 1}; got {idx.tolist() if idx.numel() <= 32 else tuple(idx.shape)}"
+            )
+        inverse = torch.empty(length, dtype=torch.long, device=device)
+        inverse[idx[real]] = real
+        cache[key] = (idx.clamp(max=length), inverse)
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
+        return cache[key]
+
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Reorder `x` along `dim`; positions past the end of the sequence are zeros."""
+        length = x.shape[dim]
+        idx, _ = self._indices(length, x.device)
+        pad_shape = list(x.shape)
+        pad_shape[dim] = 1
+        padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+        return padded.index_select(dim, idx)
+
+    def scatter(self, y: torch.Tensor, length: int, dim: int = -1) -> torch.Tensor:
+        """Undo `gather`: return the `length` original positions of a reordered `y` in their old order."""
+        _, inverse = self._indices(length, y.device)
+        return y.index_select(dim, inverse)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class FlipOrder(SequenceOrder):
+    """The reversed sequence (Vision Mamba's backward direction, MambaMIL's BiMamba)."""
+
+    def index(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(length - 1, -1, -1, device=device)
+
+
+class StridedOrder(SequenceOrder):
+    """MambaMIL's SR-Mamba order: pad L to a multiple of `rate` R, then read every R-th position.
+
+    The padded sequence is viewed as a (ceil(L/R), R) grid filled row by row and read column by column,
+    so positions R apart become neighbours: L=7, R=3 gives 0,3,6,1,4,7,2,5,8 (7 and 8 are zero padding).
+    """
+
+    def __init__(self, rate: int):
+        if int(rate) != rate or rate < 1:
+            raise ValueError(f"StridedOrder rate must be a positive integer, got {rate!r}")
+        self.rate = int(rate)
+
+    def index(self, length: int, device: torch.device) -> torch.Tensor:
+        rows = -(-length // self.rate)
+        return torch.arange(rows * self.rate, device=device).view(rows, self.rate).t().reshape(-1)
+
+    def __repr__(self) -> str:
+        return f"StridedOrder(rate={self.rate})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The mixer
+
+
+@dataclass
+class MambaCache:
+    """Generation state of one `Mamba` mixer: the last `d_conv` conv inputs and the SSM state."""
+
+    conv_state: torch.Tensor  # (batch, d_inner, d_conv)
+    ssm_state: torch.Tensor  # (batch, d_inner, d_state), float32 (float64 for fp64 models)
+
+
+# parameter names of the first and the second direction (mamba_ssm / Vision Mamba)
+_FWD = ("conv1d", "x_proj", "dt_proj", "A_log", "D")
+_BWD = ("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")
+
+
+class Mamba(nn.Module):
+    """Mamba-1 selective-SSM mixer: (batch, L, d_model) -> (batch, L, d_model).
+
+    in_proj -> (x, z); x -> causal depthwise conv + SiLU -> x_proj -> (dt, B, C); dt_proj weight on dt
+    (its bias goes to the scan as `delta_bias` with softplus); y = selective_scan(x, dt, A=-exp(A_log),
+    B, C, D, z) -> out_proj. Names, shapes and init follow mamba_ssm's `Mamba`.
+
+    `branch_order` (None, `"flip"` or a `SequenceOrder`) adds a second direction with its own
+    conv/x_proj/dt_proj/A/D (`*_b` names) that runs over the reordered x and z (zero padded where the
+    order asks for padding); its output, put back in sequence order, is added to the first branch's
+    before `out_proj`, halved when `divide_out` (Vision Mamba's `if_divide_out`, on in its released
+    models; MambaMIL's SR/Bi mixers use the plain sum, `divide_out=False`).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        branch_order: SequenceOrder | str | None = None,
+        divide_out: bool = True,
+        backend: str | None = None,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if branch_order == "flip":
+            branch_order = FlipOrder()
+        if branch_order is not None and not isinstance(branch_order, SequenceOrder):
+            raise ValueError(f"branch_order must be None, 'flip' or a SequenceOrder, got {branch_order!r}")
+        self.branch_order = branch_order
+        self.divide_out = divide_out
+        self.backend = backend
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        init = dict(dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
+                    dt_init_floor=dt_init_floor, conv_bias=conv_bias, factory=factory)
+        self._build_direction(_FWD, **init)
+        if branch_order is not None:
+            self._build_direction(_BWD, **init)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def _build_direction(self, names, *, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, conv_bias,
+                         factory):
+        """Create one direction's conv1d, x_proj, dt_proj, A_log, D under `names`, with mamba_ssm's init."""
+        conv_name, x_name, dt_name, a_name, d_name = names
+        e, n = self.d_inner, self.d_state
+        setattr(self, conv_name, nn.Conv1d(e, e, self.d_conv, groups=e, padding=self.d_conv - 1,
+                                           bias=conv_bias, **factory))
+        setattr(self, x_name, nn.Linear(e, self.dt_rank + 2 * n, bias=False, **factory))
+        dt_proj = nn.Linear(self.dt_rank, e, bias=True, **factory)
+        std = self.dt_rank ** -0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(dt_proj.weight, std)
+            else:
+                nn.init.uniform_(dt_proj.weight, -std, std)
+            # softplus(bias) = dt, log-uniform in [dt_min, dt_max]; inverse softplus: dt + log(1 - exp(-dt))
+            dt = torch.exp(
+                torch.rand(e, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            ).clamp(min=dt_init_floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias._no_reinit = True
+        setattr(self, dt_name, dt_proj)
+        # S4D-real init: A = -(1..N) for every channel, stored as log in fp32
+        a_log = torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=factory["device"])).repeat(e, 1)
+        a_log = nn.Parameter(a_log)
+        a_log._no_weight_decay = True
+        setattr(self, a_name, a_log)
+        d = nn.Parameter(torch.ones(e, dtype=torch.float32, device=factory["device"]))
+        d._no_weight_decay = True
+        setattr(self, d_name, d)
+
+    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, names) -> torch.Tensor:
+        """One direction over x, z (batch, d_inner, L): conv + SiLU, x_proj, dt_proj weight, gated scan."""
+        conv, x_proj, dt_proj, a_log, d = (getattr(self, name) for name in names)
+        length = x.shape[-1]
+        x = F.silu(conv(x)[..., :length])
+        dt, b, c = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)
+        return selective_scan(
+            x, delta, -torch.exp(a_log.float()), b.transpose(1, 2), c.transpose(1, 2),
+            D=d.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"Mamba expects input of shape (batch, length, {self.d_model}), got {tuple(x.shape)}"
+            )
+        xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)
+        y = self._scan_direction(xs, z, _FWD)
+        if self.branch_order is not None:
+            order = self.branch_order
+            y_b = self._scan_direction(order.gather(xs), order.gather(z), _BWD)
+            y = y + order.scatter(y_b, xs.shape[-1])
+            if self.divide_out:
+                y = y / 2
+        return self.out_proj(y.transpose(1, 2))
+
+    def allocate_cache(self, batch: int, dtype=None, device=None) -> MambaCache:
+        """Empty generation state. The conv state takes `dtype` (default: the conv weight's dtype); the
+        SSM state is fp32, or fp64 for an fp64 model, so that `step` matches `forward` in either."""
+        weight = self.conv1d.weight
+        device = weight.device if device is None else device
+        return MambaCache(
+            conv_state=torch.zeros(batch, self.d_inner, self.d_conv, device=device,
+                                   dtype=weight.dtype if dtype is None else dtype),
+            ssm_state=torch.zeros(batch, self.d_inner, self.d_state, device=device,
+                                  dtype=torch.promote_types(self.dt_proj.weight.dtype, torch.float32)),
+        )
+
+    def step(self, x_t: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """Process one token x_t (batch, d_model) or (batch, 1, d_model), updating `cache` in place."""
+        if self.branch_order is not None:
+            raise RuntimeError(
+                f"Mamba.step needs a causal mixer, but the second branch scans in {self.branch_order!r} "
+                "order and sees later tokens; run forward() on the whole sequence instead"
+            )
+        if not (x_t.dim() == 2 or (x_t.dim() == 3 and x_t.shape[1] == 1)) or x_t.shape[-1] != self.d_model:
+            raise ValueError(
+                f"Mamba.step expects one token of shape (batch, {self.d_model}) or "
+                f"(batch, 1, {self.d_model}), got {tuple(x_t.shape)}"
+            )
+        x, z = self.in_proj(x_t.reshape(x_t.shape[0], self.d_model)).chunk(2, dim=-1)
+        conv_state = cache.conv_state
+        conv_state.copy_(conv_state.roll(-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = (conv_state * self.conv1d.weight.squeeze(1)).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x).to(z.dtype)
+        dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        y = selective_state_update(
+            cache.ssm_state, x, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), b, c,
+            D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True, backend=self.backend,
+        )
+        return self.out_proj(y).reshape(x_t.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Residual block and language model
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim, computed in at least fp32 (mamba_ssm / Vim `RMSNorm`)."""
+
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
+        return out.to(x.dtype)
+
+
+def _make_norm(norm: str, d: int, eps: float, device=None, dtype=None) -> nn.Module:
+    if norm == "rms":
+        return RMSNorm(d, eps=eps, device=device, dtype=dtype)
+    if norm == "layer":
+        return nn.LayerNorm(d, eps=eps, device=device, dtype=dtype)
+    raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
+
+
+class MambaBlock(nn.Module):
+    """mamba_ssm/Vim `Block`: Add -> Norm -> Mixer, carrying the residual stream separately.
+
+    `forward(hidden, residual)` returns `(mixer(norm(residual')), residual')` with
+    residual' = drop_path(hidden) + residual (or hidden for the first block), kept in at least fp32
+    when `residual_in_fp32` (half-precision activations, full-precision residual stream). The mixer
+    is `Mamba(d_model, **mixer_kwargs)` unless a ready-made module is given.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        mixer: nn.Module | None = None,
+        norm: str = "rms",
+        eps: float = 1e-5,
+        drop_path: float = 0.0,
+        residual_in_fp32: bool = True,
+        **mixer_kwargs,
+    ):
+        super().__init__()
+        if mixer is not None and mixer_kwargs:
+            raise TypeError(f"mixer keyword arguments {sorted(mixer_kwargs)} given with a ready-made mixer")
+        self.mixer = Mamba(d_model, **mixer_kwargs) if mixer is None else mixer
+        self.norm = _make_norm(norm, d_model, eps, mixer_kwargs.get("device"), mixer_kwargs.get("dtype"))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.residual_in_fp32 = residual_in_fp32
+
+    def _add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        residual = hidden if residual is None else self.drop_path(hidden) + residual
+        normed = self.norm(residual.to(self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        return normed, residual
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+        normed, residual = self._add_norm(hidden, residual)
+        return self.mixer(normed), residual
+
+    def step(self, hidden_t: torch.Tensor, residual_t: torch.Tensor | None, cache: MambaCache):
+        """One token of `forward`: (batch, d_model) tensors, `cache` from `mixer.allocate_cache`."""
+        normed, residual = self._add_norm(hidden_t, residual_t)
+        return self.mixer.step(normed, cache), residual
+
+
+def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
+    """mamba_ssm's `_init_weights` (one residual per layer): zero Linear biases unless marked
+    `_no_reinit`, N(0, 0.02) embeddings, out_proj re-drawn (kaiming-uniform) and scaled by
+    1/sqrt(n_layer) so the prenorm residual stream does not grow with depth."""
+    if isinstance(module, nn.Linear):
+        if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=initializer_range)
+    for name, p in module.named_parameters():
+        if name == "out_proj.weight":
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            with torch.no_grad():
+                p /= math.sqrt(n_layer)
+
+
+class MambaLM(nn.Module):
+    """A small causal Mamba language model (mamba_ssm's `MambaLMHeadModel` layout).
+
+    embedding -> n_layer `MambaBlock`s -> final add + `norm_f` -> `lm_head` (tied to the embedding by
+    default). The vocabulary is padded to a multiple of `pad_vocab_multiple`; logits are cropped back
+    to `vocab_size`. Extra keyword arguments go to every `MambaBlock` (and through it to `Mamba`).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layer: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        pad_vocab_multiple: int = 8,
+        tie_embeddings: bool = True,
+        **mixer_kwargs,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        padded_vocab = -(-vocab_size // pad_vocab_multiple) * pad_vocab_multiple
+        factory = {"device": mixer_kwargs.get("device"), "dtype": mixer_kwargs.get("dtype")}
+        self.embedding = nn.Embedding(padded_vocab, d_model, **factory)
+        self.layers = nn.ModuleList(
+            MambaBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i, **mixer_kwargs)
+            for i in range(n_layer)
+        )
+        norm, eps = mixer_kwargs.get("norm", "rms"), mixer_kwargs.get("eps", 1e-5)
+        self.norm_f = _make_norm(norm, d_model, eps, **factory)
+        self.lm_head = nn.Linear(d_model, padded_vocab, bias=False, **factory)
+        self.apply(lambda m: _init_weights(m, n_layer))
+        if tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    def _head(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        residual = hidden if residual is None else hidden + residual
+        return self.lm_head(self.norm_f(residual.to(self.norm_f.weight.dtype)))[..., : self.vocab_size]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (batch, L) -> logits (batch, L, vocab_size)."""
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"MambaLM expects input_ids of shape (batch, length), got {tuple(input_ids.shape)}"
+            )
+        hidden, residual = self.embedding(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self._head(hidden, residual)
+
+    def allocate_cache(self, batch: int, dtype=None, device=None) -> list[MambaCache]:
+        """One `MambaCache` per layer."""
+        return [layer.mixer.allocate_cache(batch, dtype=dtype, device=device) for layer in self.layers]
+
+    def step(self, token_ids: torch.Tensor, caches: list[MambaCache]) -> torch.Tensor:
+        """token_ids (batch,) -> next-token logits (batch, vocab_size); updates `caches` in place."""
+        if token_ids.dim() != 1:
+            raise ValueError(
+                f"MambaLM.step expects token_ids of shape (batch,), got {tuple(token_ids.shape)}"
+            )
+        hidden, residual = self.embedding(token_ids), None
+        for layer, cache in zip(self.layers, caches):
+            hidden, residual = layer.step(hidden, residual, cache)
+        return self._head(hidden, residual)
