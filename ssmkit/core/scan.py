@@ -241,17 +241,21 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 def _scan_ref(u, dt, A, B, C, h0, keep, reverse):
     """y_t = C_t . h_t with h_t = keep_t * exp(dt_t A) h_prev + dt_t B_t u_t; returns (y, h_last)."""
     batch, dim, length = u.shape
-    Bd = B.repeat_interleave(dim // B.shape[1], dim=1)  # (batch, dim, N, L)
-    Cd = C.repeat_interleave(dim // C.shape[1], dim=1)
-    h = torch.zeros(batch, dim, A.shape[1], dtype=u.dtype, device=u.device) if h0 is None else h0
+    G, N = B.shape[1], A.shape[1]
+    grouped = (batch, G, dim // G, length)  # channel d belongs to group d // (dim / G)
+    us, dts = u.reshape(grouped).unbind(-1), dt.reshape(grouped).unbind(-1)
+    Bs, Cs = B.unsqueeze(2).unbind(-1), C.unsqueeze(2).unbind(-1)  # (batch, G, 1, N) per step
+    keeps = None if keep is None else keep[:, None, None, None].unbind(-1)
+    A = A.reshape(G, dim // G, N)
+    h = u.new_zeros(batch, G, dim // G, N) if h0 is None else h0.reshape(batch, G, dim // G, N)
     ys = [None] * length
     for t in (reversed(range(length)) if reverse else range(length)):
-        a = torch.exp(dt[:, :, t, None] * A)
-        if keep is not None:
-            a = a * keep[:, t, None, None]
-        h = a * h + (dt[:, :, t] * u[:, :, t])[..., None] * Bd[..., t]
-        ys[t] = (h * Cd[..., t]).sum(-1)
-    return torch.stack(ys, dim=-1), h
+        a = torch.exp(dts[t][..., None] * A)
+        if keeps is not None:
+            a = a * keeps[t]
+        h = a * h + (dts[t] * us[t])[..., None] * Bs[t]
+        ys[t] = (h * Cs[t]).sum(-1)
+    return torch.stack(ys, dim=-1).reshape(batch, dim, length), h.reshape(batch, dim, N)
 
 
 # ----------------------------------------------------------------------------------------------
