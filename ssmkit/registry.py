@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-_DOMAINS = ("ssmkit.core", "ssmkit.vision", "ssmkit.audio", "ssmkit.genomics", "ssmkit.medical")
+_DOMAINS = ("ssmkit.vision", "ssmkit.audio", "ssmkit.genomics", "ssmkit.medical")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _domains_loaded = False
 
