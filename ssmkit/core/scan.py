@@ -101,10 +101,11 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx
 # backend choice
 
 
-def _pick_backend(backend: str | None, device: torch.device) -> str:
+def _pick_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     name = backend or os.environ.get("SSMKIT_BACKEND") or None
-    if name is None:
-        return "triton" if device.type == "cuda" and _triton_ready(device) else "chunked"
+    if name is None:  # the Triton kernels compute in fp32, so fp64 stays on the PyTorch path
+        fast = device.type == "cuda" and dtype != torch.float64 and _triton_ready(device)
+        return "triton" if fast else "chunked"
     if name not in BACKENDS:
         raise ValueError(f"selective_scan: unknown backend {name!r}; choose one of {BACKENDS}")
     if name == "triton" and not _triton_ready(device):
@@ -153,7 +154,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     in fp32 (fp64 when u is fp64).
     """
     B, C = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    name = _pick_backend(backend, u.device)
+    name = _pick_backend(backend, u.device, u.dtype)
     cd = _compute_dtype(u)
     if name == "triton":
         from ssmkit.kernels.selective_scan import selective_scan_triton
@@ -167,6 +168,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if delta_softplus:
             dt = F.softplus(dt)
         keep = None if seq_idx is None else _reset_gate(seq_idx, reverse, cd)
+        groups = math.lcm(B.shape[1], C.shape[1])  # one grouping for both (e.g. B shared, C per channel)
+        B, C = (X if X.shape[1] == groups else X.repeat_interleave(groups // X.shape[1], dim=1) for X in (B, C))
         scan = _scan_ref if name == "ref" else chunked_scan
         y, last = scan(u.to(cd), dt, A.to(cd), B.to(cd), C.to(cd), _opt(initial_state, cd), keep, reverse)
         if D is not None:
@@ -211,7 +214,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     B, C = groups
     _check_vector("D", D, dim)
     _check_vector("dt_bias", dt_bias, dim)
-    if _pick_backend(backend, state.device) == "triton":
+    if _pick_backend(backend, state.device, x.dtype) == "triton":
         from ssmkit.kernels.selective_scan import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -302,3 +302,14 @@ def test_matches_mambapy_pscan():
     for backend in CPU_BACKENDS:
         got = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_softplus=True, backend=backend)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_b_and_c_with_different_groupings(backend):
+    """B shared by all channels with C per channel (time-invariant), and B in 2 groups with C in 4."""
+    g = torch.Generator().manual_seed(0)
+    x = make_inputs(2, 8, 17, 4, dtype=f64)
+    for B, C in [(x["B"], torch.randn(8, 4, generator=g, dtype=f64)),
+                 (torch.randn(2, 2, 4, 17, generator=g, dtype=f64), torch.randn(2, 4, 4, 17, generator=g, dtype=f64))]:
+        mixed = dict(x, B=B, C=C)
+        assert_close(run(backend, mixed, frozenset(["D"]), True), oracle_run(mixed, frozenset(["D"]), True), 1e-9, 1e-9)
