@@ -94,7 +94,8 @@ def worker(impl: str, shape, device: str, repeats: int) -> dict:
         peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
 
     def timed(f):
-        f()  # warm-up (and Triton compilation)
+        for _ in range(2):  # warm-up: Triton compilation; the allocator settling on its first large frees
+            f()
         sync()
         times = []
         for _ in range(repeats):
@@ -129,7 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="batch,dim,length,d_state per shape")
     p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS, help="implementations to measure")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repetitions (median reported)")
     p.add_argument("--ref-max-length", type=int, default=2048, help="skip the sequential 'ref' backend above this length")
     p.add_argument("--out", default="bench/results/scan.json", help="JSON output path")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
