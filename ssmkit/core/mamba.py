@@ -26,6 +26,7 @@ __all__ = [
     "StridedOrder",
     "MambaCache",
     "Mamba",
+    "add_ssm_parameters",
     "RMSNorm",
     "MambaBlock",
     "MambaLM",
@@ -138,6 +139,36 @@ _FWD = ("conv1d", "x_proj", "dt_proj", "A_log", "D")
 _BWD = ("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")
 
 
+def add_ssm_parameters(module: nn.Module, names, d_inner: int, d_state: int, dt_rank: int, *, dt_min: float,
+                       dt_max: float, dt_init: str, dt_scale: float, dt_init_floor: float, factory: dict) -> None:
+    """Create one scan direction's x_proj, dt_proj, A_log and D on `module` under `names`, initialised
+    as mamba_ssm does: dt_proj.bias = inverse softplus of dt drawn log-uniformly in [dt_min, dt_max]
+    (floored), A_log = log(1..N) (S4D-real), D = 1; A_log and D fp32 and out of weight decay."""
+    x_name, dt_name, a_name, d_name = names
+    setattr(module, x_name, nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **factory))
+    dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **factory)
+    std = dt_rank ** -0.5 * dt_scale
+    with torch.no_grad():
+        if dt_init == "constant":
+            nn.init.constant_(dt_proj.weight, std)
+        else:
+            nn.init.uniform_(dt_proj.weight, -std, std)
+        # softplus(bias) = dt, log-uniform in [dt_min, dt_max]; inverse softplus: dt + log(1 - exp(-dt))
+        dt = torch.exp(
+            torch.rand(d_inner, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    dt_proj.bias._no_reinit = True
+    setattr(module, dt_name, dt_proj)
+    a_log = torch.arange(1, d_state + 1, dtype=torch.float32, device=factory["device"]).log().repeat(d_inner, 1)
+    a_log = nn.Parameter(a_log)
+    a_log._no_weight_decay = True
+    setattr(module, a_name, a_log)
+    d = nn.Parameter(torch.ones(d_inner, dtype=torch.float32, device=factory["device"]))
+    d._no_weight_decay = True
+    setattr(module, d_name, d)
+
+
 class Mamba(nn.Module):
     """Mamba-1 selective-SSM mixer: (batch, L, d_model) -> (batch, L, d_model).
 
@@ -200,36 +231,12 @@ class Mamba(nn.Module):
             self._build_direction(_BWD, **init)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    def _build_direction(self, names, *, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, conv_bias,
-                         factory):
+    def _build_direction(self, names, *, conv_bias, factory, **init):
         """Create one direction's conv1d, x_proj, dt_proj, A_log, D under `names`, with mamba_ssm's init."""
-        conv_name, x_name, dt_name, a_name, d_name = names
-        e, n = self.d_inner, self.d_state
-        setattr(self, conv_name, nn.Conv1d(e, e, self.d_conv, groups=e, padding=self.d_conv - 1,
-                                           bias=conv_bias, **factory))
-        setattr(self, x_name, nn.Linear(e, self.dt_rank + 2 * n, bias=False, **factory))
-        dt_proj = nn.Linear(self.dt_rank, e, bias=True, **factory)
-        std = self.dt_rank ** -0.5 * dt_scale
-        with torch.no_grad():
-            if dt_init == "constant":
-                nn.init.constant_(dt_proj.weight, std)
-            else:
-                nn.init.uniform_(dt_proj.weight, -std, std)
-            # softplus(bias) = dt, log-uniform in [dt_min, dt_max]; inverse softplus: dt + log(1 - exp(-dt))
-            dt = torch.exp(
-                torch.rand(e, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-            ).clamp(min=dt_init_floor)
-            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        dt_proj.bias._no_reinit = True
-        setattr(self, dt_name, dt_proj)
-        # S4D-real init: A = -(1..N) for every channel, stored as log in fp32
-        a_log = torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=factory["device"])).repeat(e, 1)
-        a_log = nn.Parameter(a_log)
-        a_log._no_weight_decay = True
-        setattr(self, a_name, a_log)
-        d = nn.Parameter(torch.ones(e, dtype=torch.float32, device=factory["device"]))
-        d._no_weight_decay = True
-        setattr(self, d_name, d)
+        e = self.d_inner
+        setattr(self, names[0], nn.Conv1d(e, e, self.d_conv, groups=e, padding=self.d_conv - 1,
+                                          bias=conv_bias, **factory))
+        add_ssm_parameters(self, names[1:], e, self.d_state, self.dt_rank, factory=factory, **init)
 
     def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, names) -> torch.Tensor:
         """One direction over x, z (batch, d_inner, L): conv + SiLU, x_proj, dt_proj weight, gated scan."""

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan", "selective_state_update", "BACKENDS"]
+__all__ = ["selective_scan", "selective_state_update", "linear_scan", "BACKENDS"]
 
 BACKENDS = ("ref", "chunked", "triton")
 
@@ -235,6 +235,80 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if z is not None:
         y = y * F.silu(z.to(cd))
     return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# first-order linear scan (the engine of the 2-D and ConvSSM scans)
+
+
+def linear_scan(a, b, initial_state=None, *, dim=-1, reverse=False, chunk_size=None):
+    """h_t = a_t · h_{t-1} + b_t along `dim` (h_{-1} = initial_state or 0); returns all h.
+
+    b: any shape; a: broadcastable to b (e.g. constant over time); initial_state: b's shape without
+    `dim`. Real or complex (a and b are promoted to one dtype). reverse: h_t = a_t · h_{t+1} + b_t.
+    Parallel over time by chunks of about sqrt(L) steps: one loop over the positions in a chunk runs
+    all chunks at once, a second loop carries states across chunks (~2·sqrt(L) vectorised steps).
+    Backward is the same scan run the other way (the adjoint of a linear recurrence), so autograd
+    keeps only a and h — O(size of b) memory; double backward is not supported.
+    """
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = torch.broadcast_to(a.to(dtype), b.shape), b.to(dtype)
+    dim = dim % b.dim()
+    if initial_state is not None:
+        expected = b.shape[:dim] + b.shape[dim + 1:]
+        if initial_state.shape != expected:
+            raise ValueError(f"linear_scan: initial_state has shape {tuple(initial_state.shape)}; "
+                             f"expected {tuple(expected)} (b's shape {tuple(b.shape)} without dim {dim})")
+        initial_state = initial_state.to(dtype)
+    a, b = a.movedim(dim, 0), b.movedim(dim, 0)
+    if reverse:
+        a, b = a.flip(0), b.flip(0)
+    T = chunk_size or max(1, round(math.sqrt(b.shape[0])))
+    h = _LinearScan.apply(a, b, initial_state, T)
+    return (h.flip(0) if reverse else h).movedim(0, dim)
+
+
+def _scan_forward(a, b, h0, T):
+    """The forward recurrence along dim 0 by chunks of T; no autograd."""
+    L, rest = b.shape[0], b.shape[1:]
+    nc = -(-L // T)
+    pad = nc * T - L
+    if pad:
+        a = torch.cat([a, a.new_ones(pad, *rest)])
+        b = torch.cat([b, b.new_zeros(pad, *rest)])
+    a, b = a.reshape(nc, T, *rest), b.reshape(nc, T, *rest)
+    h, p = torch.empty_like(b), torch.empty_like(a)  # chunk-local states and running decay products
+    h[:, 0], p[:, 0] = b[:, 0], a[:, 0]
+    for t in range(1, T):
+        torch.addcmul(b[:, t], a[:, t], h[:, t - 1], out=h[:, t])
+        torch.mul(a[:, t], p[:, t - 1], out=p[:, t])
+    s = h0
+    for c in range(nc):  # add the true entering state to each chunk; its last row is then exact
+        if s is not None:
+            h[c].addcmul_(p[c], s)
+        s = h[c, -1]
+    return h.reshape(nc * T, *rest)[:L]
+
+
+class _LinearScan(torch.autograd.Function):
+    # PyTorch's complex convention: for out = a·h, grad_a = grad_out·conj(h), grad_h = grad_out·conj(a).
+    @staticmethod
+    def forward(ctx, a, b, h0, T):
+        h = _scan_forward(a, b, h0, T)
+        ctx.save_for_backward(a, h, h0)
+        ctx.T = T
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        # adjoint G_t = dh_t + conj(a_{t+1}) G_{t+1}: a reverse scan with the decays shifted by one
+        a_next = torch.cat([a[1:], a.new_zeros(1, *a.shape[1:])]).conj()
+        G = _scan_forward(a_next.flip(0), dh.flip(0), None, ctx.T).flip(0)
+        first = torch.zeros_like(h[:1]) if h0 is None else h0.unsqueeze(0)
+        da = G * torch.cat([first, h[:-1]]).conj()
+        dh0 = None if h0 is None else G[0] * a[0].conj()
+        return da, G, dh0, None
 
 
 # ----------------------------------------------------------------------------------------------
