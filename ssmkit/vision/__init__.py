@@ -1,10 +1,11 @@
-"""Image models (Vision Mamba, ViG, MaIR), scan orders, image data and metrics.
+"""Image and video models (Vision Mamba, ViG, ConvS5), scan orders, image data and metrics.
 
-Importing this package registers the classifiers with ssmkit's registry (`vim_tiny`, `vig_small`, ...)
+Importing this package registers the classifiers with ssmkit's registry (`vim_tiny`, `vig_small`, ...,
+and the next-frame predictor `convs5_moving_digits`)
 and with timm (`ssmkit_vim_tiny`, `ssmkit_vig_small`, ...), so `timm.create_model("ssmkit_vim_tiny")`
 works afterwards.
 """
-from ssmkit.vision import vig, vim  # noqa: F401  (registers the Vim and ViG configs)
+from ssmkit.vision import convs5, vig, vim  # noqa: F401  (registers the model configs)
 from ssmkit.vision.vig import ViG
 from ssmkit.vision.vim import VisionMamba, load_official_vim, resize_pos_embed_mid_cls
 
