@@ -20,6 +20,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/scan.py
+	$(PY) bench/scan2d.py
+	$(PY) bench/vision.py
 
 bench-gpu: $(STAMP)
 	$(PY) bench/scan_gpu.py
