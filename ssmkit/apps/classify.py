@@ -460,7 +460,9 @@ def _plot_grid(test, preds: np.ndarray, path: Path, n: int = 24) -> Path:
         ok = preds[i] == y
         ax.set_title(f"{test.classes[preds[i]]}" + ("" if ok else f" ({test.classes[y]})"), fontsize=8,
                      color="green" if ok else "red")
-    fig.suptitle("held-out predictions (red: wrong, true class in brackets)", fontsize=9)
+    n_wrong = int((preds != labels).sum())
+    fig.suptitle(f"held-out predictions: {len(wrong)} of the {n_wrong} mistakes among {len(test)} test images "
+                 "(red, true class in brackets) beside an even spread of the rest", fontsize=9)
     fig.savefig(path)
     return path
 
