@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _measure import measure_fwd_bwd
 
 DEFAULT_SHAPES = ["2,256,1024,16", "1,768,2048,16"]
 IMPLS = ["ref", "chunked", "triton", "mambapy"]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _inputs(shape, device, layout):
@@ -65,50 +58,11 @@ def _scan_fn(impl):
 
 def worker(impl: str, shape, device: str, repeats: int) -> dict:
     """One (implementation, shape) measurement in this process; returns a result row."""
-    import torch
-
     fn = _scan_fn(impl)
     args = _inputs(shape, device, "mambapy" if impl == "mambapy" else "ssmkit")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def fwd():
-        with torch.no_grad():
-            fn(*args)
-
-    def fwd_bwd():
-        fn(*args).sum().backward()
-        for a in args:
-            a.grad = None
-
-    # peak memory of one forward+backward above the inputs
-    if device == "cuda":
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fwd_bwd()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes()
-        fwd_bwd()
-        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
-
-    def timed(f):
-        for _ in range(2):  # warm-up: Triton compilation; the allocator settling on its first large frees
-            f()
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
+    row = measure_fwd_bwd(fn, args, device, repeats)
     b, d, L, N = shape
-    fwd_ms, total_ms = timed(fwd), timed(fwd_bwd)
-    return dict(impl=impl, shape=list(shape), device=device, fwd_ms=fwd_ms, fwd_bwd_ms=total_ms,
-                peak_mb=peak / 2**20, elements_per_s=b * d * L / (total_ms / 1e3), threads=torch.get_num_threads())
+    return dict(impl=impl, shape=list(shape), device=device, **row, elements_per_s=b * d * L / (row["fwd_bwd_ms"] / 1e3))
 
 
 def _available(impl: str, device: str) -> str | None:

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _measure import measure_fwd_bwd
 
 SCAN2D_SMALL = ["1,4,8,8,4", "2,32,16,16,8", "2,64,28,28,16"]
 SCAN2D_FULL = ["8,192,56,56,16"]
@@ -35,11 +33,6 @@ CONVSSM_SMALL = ["2,8,16,16,16,16", "2,16,32,32,32,32"]
 CONVSSM_FULL = ["8,16,64,32,32,64"]
 SCAN2D_IMPLS = ["ref", "chunked", "cross_scan"]
 CONVSSM_IMPLS = ["scan", "step_loop"]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _scan2d_case(shape, impl, device):
@@ -100,44 +93,9 @@ def worker(family: str, impl: str, shape, device: str, repeats: int, threads: in
         torch.set_num_threads(threads)
     case = _scan2d_case if family == "scan2d" else _convssm_case
     fn, args, elements = case(shape, impl, device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def fwd():
-        with torch.no_grad():
-            fn(*args)
-
-    def fwd_bwd():
-        fn(*args).sum().backward()
-        for a in args:
-            a.grad = None
-
-    if device == "cuda":
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fwd_bwd()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes()
-        fwd_bwd()
-        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
-
-    def timed(f):
-        for _ in range(2):  # warm-up
-            f()
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3, min(times) * 1e3
-
-    (fwd_ms, fwd_min), (total_ms, total_min) = timed(fwd), timed(fwd_bwd)
-    return dict(family=family, impl=impl, shape=list(shape), device=device, fwd_ms=fwd_ms, fwd_bwd_ms=total_ms,
-                fwd_min_ms=fwd_min, fwd_bwd_min_ms=total_min, peak_mb=peak / 2**20, elements_per_s=elements / (total_ms / 1e3), threads=torch.get_num_threads())
+    row = measure_fwd_bwd(fn, args, device, repeats)
+    return dict(family=family, impl=impl, shape=list(shape), device=device, **row,
+                elements_per_s=elements / (row["fwd_bwd_ms"] / 1e3))
 
 
 def train_benchmark(steps: int, out_dir: str) -> dict:

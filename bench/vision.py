@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _measure import peak_rss_bytes, reset_peak_rss, rss_bytes
+
 MODELS = {  # label -> (source, name)
     "vim_tiny": ("ssmkit", "vim_tiny"),
     "vig_tiny": ("ssmkit", "vig_tiny"),
@@ -33,27 +35,6 @@ CLAIMS = {
     "vim_tiny": "Vim: 2.8x faster than DeiT, 86.8% less GPU memory at 1248x1248 (batch inference)",
     "vig_tiny": "ViG-T: 4.8x faster than DeiT-T at 1024x1024, saving 90% GPU memory",
 }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    try:  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def _build(label: str, size: int):
@@ -96,8 +77,8 @@ def measure(label: str, size: int, batch: int, mode: str, device: str, repeats: 
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
-        _reset_peak_rss()
+        base = rss_bytes()
+        reset_peak_rss()
     for _ in range(warmup):
         step()
     times = []
@@ -105,7 +86,7 @@ def measure(label: str, size: int, batch: int, mode: str, device: str, repeats: 
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() - base if device == "cuda" else max(0, _peak_rss_bytes() - base))
+    peak = (torch.cuda.max_memory_allocated() - base if device == "cuda" else max(0, peak_rss_bytes() - base))
     times.sort()
     median = times[len(times) // 2]
     return {"model": label, "size": size, "batch": batch, "mode": mode, "device": device, "status": "ok",
