@@ -28,7 +28,7 @@ from timm.layers import DropPath, trunc_normal_
 from ssmkit.core.gla import gla
 from ssmkit.core.mamba import RMSNorm
 from ssmkit.registry import register_model as ssmkit_register_model
-from ssmkit.vision.vim import IMAGENET_MEAN, IMAGENET_STD, _to_2tuple, check_image_size, default_cfg_for
+from ssmkit.vision.vim import _to_2tuple, check_image_size, default_cfg_for, timm_cfg
 
 __all__ = ["ViG", "BiGLA", "SwiGLU", "VIG_CONFIGS", "vig_tiny", "vig_small", "vig_base"]
 
@@ -311,13 +311,8 @@ def vig_base(**overrides) -> ViG:
 from timm.models import build_model_with_cfg, generate_default_cfgs  # noqa: E402
 from timm.models import register_model as timm_register_model  # noqa: E402
 
-default_cfgs = generate_default_cfgs({
-    f"ssmkit_{n}": {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-                    "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
-                    "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "patch_embed.proj.0",
-                    "classifier": "head", "license": "apache-2.0", "paper_ids": "arXiv:2405.18425"}
-    for n in VIG_CONFIGS
-})
+default_cfgs = generate_default_cfgs(
+    {f"ssmkit_{n}": timm_cfg(first_conv="patch_embed.proj.0", paper_ids="arXiv:2405.18425") for n in VIG_CONFIGS})
 
 
 def _timm_build(name: str, pretrained: bool, kwargs: dict) -> ViG:

@@ -69,23 +69,31 @@ def _to_2tuple(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def default_cfg_for(model, *, crop_pct: float = 0.875, paper_ids: str = "") -> dict[str, Any]:
-    """The timm `pretrained_cfg` dict describing `model` (no weights: url and file are empty)."""
+def timm_cfg(*, first_conv: str, paper_ids: str, num_classes: int = 1000, input_size=(3, 224, 224),
+             crop_pct: float = 0.875) -> dict[str, Any]:
+    """A timm `pretrained_cfg` dict (no weights: url and file are empty); the defaults describe the
+    ImageNet configurations that the timm entry points register."""
     return {
         "url": "",
-        "num_classes": model.num_classes,
-        "input_size": (model.in_chans, *model.img_size),
+        "num_classes": num_classes,
+        "input_size": tuple(input_size),
         "pool_size": None,
         "crop_pct": crop_pct,
         "interpolation": "bicubic",
         "fixed_input_size": False,
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
-        "first_conv": model.first_conv,
+        "first_conv": first_conv,
         "classifier": "head",
         "license": "apache-2.0",
         "paper_ids": paper_ids,
     }
+
+
+def default_cfg_for(model, *, paper_ids: str) -> dict[str, Any]:
+    """The timm `pretrained_cfg` describing `model` as built (its classes, channels and image size)."""
+    return timm_cfg(first_conv=model.first_conv, paper_ids=paper_ids, num_classes=model.num_classes,
+                    input_size=(model.in_chans, *model.img_size))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,14 +443,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs  # noqa: E40
 from timm.models import register_model as timm_register_model  # noqa: E402
 
 
-def _timm_cfg(**kw) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-            "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-            "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
-            "paper_ids": "arXiv:2401.09417", **kw}
-
-
-default_cfgs = generate_default_cfgs({f"ssmkit_{n}": _timm_cfg() for n in VIM_CONFIGS})
+default_cfgs = generate_default_cfgs(
+    {f"ssmkit_{n}": timm_cfg(first_conv="patch_embed.proj", paper_ids="arXiv:2401.09417") for n in VIM_CONFIGS})
 
 
 def _timm_build(name: str, pretrained: bool, kwargs: dict) -> VisionMamba:
