@@ -5,8 +5,10 @@ call; CUDA peak memory is torch.cuda.max_memory_allocated above the memory alloc
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
 import time
 
 
@@ -78,3 +80,12 @@ def measure_fwd_bwd(fn, args, device: str, repeats: int, warmup: int = 2) -> dic
     (fwd_ms, fwd_min), (total_ms, total_min) = timed(fwd), timed(fwd_bwd)
     return dict(fwd_ms=fwd_ms, fwd_bwd_ms=total_ms, fwd_min_ms=fwd_min, fwd_bwd_min_ms=total_min,
                 peak_mb=peak / 2**20, threads=torch.get_num_threads())
+
+
+def run_worker(cmd: list[str]) -> dict:
+    """Run one measurement in a fresh process; `cmd` prints its result row as JSON on its last line.
+    Raises RuntimeError with the worker's last error line when it fails."""
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError((out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])

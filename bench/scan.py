@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from _measure import measure_fwd_bwd
+from _measure import measure_fwd_bwd, run_worker
 
 DEFAULT_SHAPES = ["2,256,1024,16", "1,768,2048,16"]
 IMPLS = ["ref", "chunked", "triton", "mambapy"]
@@ -105,11 +104,11 @@ def main(argv=None) -> None:
                 skipped.append(f"{impl} at {shape}: {reason}")
                 continue
             cmd = [sys.executable, __file__, "--worker", impl, shape, "--device", a.device, "--repeats", str(a.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                skipped.append(f"{impl} at {shape}: failed: {out.stderr.strip().splitlines()[-1:]}")
+            try:
+                rows.append(run_worker(cmd))
+            except RuntimeError as e:
+                skipped.append(f"{impl} at {shape}: failed: {e}")
                 continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"measured {impl} at {shape}", file=sys.stderr)
 
     for r in rows:  # ratios against the peer and against the reference at the same shape

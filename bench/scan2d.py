@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from _measure import measure_fwd_bwd
+from _measure import measure_fwd_bwd, run_worker
 
 SCAN2D_SMALL = ["1,4,8,8,4", "2,32,16,16,8", "2,64,28,28,16"]
 SCAN2D_FULL = ["8,192,56,56,16"]
@@ -147,11 +146,11 @@ def main(argv=None) -> None:
             continue
         cmd = [sys.executable, __file__, "--worker", family, impl, shape, "--device", a.device,
                "--repeats", str(a.repeats), "--threads", str(a.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            skipped.append(f"{family} {impl} at {shape}: failed: {out.stderr.strip().splitlines()[-1:]}")
+        try:
+            rows.append(run_worker(cmd))
+        except RuntimeError as e:
+            skipped.append(f"{family} {impl} at {shape}: failed: {e}")
             continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"measured {family} {impl} at {shape}", file=sys.stderr)
 
     peers = {"scan2d": "cross_scan", "convssm": "step_loop"}

@@ -374,7 +374,6 @@ class _Layout:
         steps, chunks = list(range(T)), list(range(self.nc))
         self.steps = steps[::-1] if reverse else steps  # positions within a chunk, in scan order
         self.chunks = chunks[::-1] if reverse else chunks
-        self.reverse = reverse
 
     def seq(self, x: torch.Tensor) -> torch.Tensor:  # (b, d, L) -> (T, b, G, nc, Dg)
         x = F.pad(x, (0, self.pad))

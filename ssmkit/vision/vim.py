@@ -416,8 +416,7 @@ VIM_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def _build(name: str, overrides: dict) -> VisionMamba:
-    model = VisionMamba(**{**VIM_CONFIGS[name], **overrides})
-    return model
+    return VisionMamba(**{**VIM_CONFIGS[name], **overrides})
 
 
 @ssmkit_register_model
