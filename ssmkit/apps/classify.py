@@ -32,7 +32,8 @@ from ssmkit.apps.config import ConfigError, TrainConfig, option, read_toml
 from ssmkit.apps.report import ReportSection, Table
 from ssmkit.apps.runner import Application, Command, Runner, RunError, atomic_write, eval_config, load_weights
 
-__all__ = ["ClassifyConfig", "PredictConfig", "ClassifyApp", "application", "build_classifier", "mix_batch"]
+__all__ = ["ClassifyConfig", "PredictConfig", "ClassifyApp", "application", "build_classifier", "mix_batch",
+           "parse_model_kwargs"]
 
 def _vdata():
     """ssmkit.vision.data, imported on first use: importing ssmkit.vision registers its models with timm,
@@ -61,6 +62,8 @@ class ClassifyConfig(TrainConfig):
     data: str = option("digits", "digits (embedded, sklearn), fashion-mnist (Debian package), or a folder: "
                                  "class subfolders, train/+val/ subfolders, or MNIST-format IDX files")
     test_fraction: float = option(0.2, "held-out share of each class when the data has no test split")
+    eval_size: int = option(0, "evaluate on a fixed class-balanced subset of about this many test images "
+                               "(0: the whole test split; for slow models on large test sets)")
     on_bad_image: str = option("error", "an unreadable or truncated image file: skip it (with a warning) or fail",
                                ("skip", "error"))
     augment: bool = option(True, "light random-resized-crop augmentation for training")
@@ -87,6 +90,8 @@ class ClassifyConfig(TrainConfig):
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.eval_size < 0:
+            raise ConfigError(f"eval_size must not be negative, got {self.eval_size}")
         for name in ("drop_path_rate", "mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -231,6 +236,7 @@ class ClassifyApp(Application):
         t_train, t_eval = self.transforms(cfg, train.channels)
         self._train_cfg, self._classes = cfg, list(train.classes)
         self._shape, self._shape_key = (len(train.classes), train.channels), (cfg.data, cfg.seed)
+        test = vdata.stratified_subset(test, cfg.eval_size, cfg.seed)
         return (vdata.ClassificationDataset(train, t_train, cfg.seed),
                 vdata.ClassificationDataset(test, t_eval, cfg.seed))
 

@@ -346,6 +346,15 @@ class _Subset:
         self.base.check_min_size(min_size)
 
 
+def stratified_subset(base, size: int, seed: int):
+    """A fixed class-balanced subset of about `size` samples of `base` (all of `base` when `size` is 0 or
+    not smaller): evaluating a slow model on part of a large test split, the same part every time."""
+    if size <= 0 or size >= len(base):
+        return base
+    _, keep = stratified_split(base.labels, size / len(base), seed)
+    return _Subset(base, keep)
+
+
 def load_image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.2, channels: int = 3,
                       on_bad_image: str = "error", min_size: int = 1):
     """(train, test) of an image folder: `root/train` + `root/val` (or `root/test`) when present, else

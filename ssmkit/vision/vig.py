@@ -242,8 +242,8 @@ class ViG(nn.Module):
         pe = F.interpolate(pe.float(), size=tuple(grid), mode="bicubic", align_corners=False)
         return pe.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, M, D) tokens in raster order after the final norm."""
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images -> (B, M, D) patch tokens in raster order with position embeddings, and the patch grid."""
         if x.dim() != 4:
             raise ValueError(f"ViG expects images of shape (batch, {self.in_chans}, H, W), got {tuple(x.shape)}")
         grid = check_image_size(x.shape[-2], x.shape[-1], self.patch_size, "ViG")
@@ -251,10 +251,49 @@ class ViG(nn.Module):
         if tuple(x.shape[-2:]) != grid:
             raise ValueError(f"ViG: stem produced a {tuple(x.shape[-2:])} grid for a {grid} patch grid")
         x = x.flatten(2).transpose(1, 2)
-        x = self.pos_drop(x + self.pos_embed_for(grid).to(x.dtype))
+        return self.pos_drop(x + self.pos_embed_for(grid).to(x.dtype)), grid
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, M, D) tokens in raster order after the final norm."""
+        x, grid = self._tokens(x)
         for blk in self.blocks:
             x = blk(x, grid)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's intermediate-feature interface (what `features_only=True` calls): the tokens after the
+        blocks in `indices` (last n for an int, all for None) as (B, D, h, w) maps (`NCHW`) or (B, h·w, D)
+        (`NLC`); `norm` applies the final norm to each. Returns the list, or (final features, list) unless
+        `intermediates_only`."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._tokens(x)
+        n_blocks = max_index + 1 if stop_early or intermediates_only else len(self.blocks)
+        intermediates = []
+        for i, blk in enumerate(self.blocks[:n_blocks]):
+            x = blk(x, grid)
+            if i in take:
+                y = self.norm(x) if norm else x
+                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid) if output_fmt == "NCHW" else y)
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices` (and the final norm / the head when asked); returns
+        the absolute indices kept, as timm's feature wrapper expects."""
+        from timm.models._features import feature_take_indices
+
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -316,7 +355,9 @@ default_cfgs = generate_default_cfgs(
 
 
 def _timm_build(name: str, pretrained: bool, kwargs: dict) -> ViG:
-    return build_model_with_cfg(lambda **kw: _build(name, kw), f"ssmkit_{name}", pretrained, **kwargs)
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(lambda **kw: _build(name, kw), f"ssmkit_{name}", pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 @timm_register_model

@@ -292,8 +292,8 @@ class VisionMamba(nn.Module):
             order = self._grid_orders[grid] = MidClsGridOrder(self.scan_grid_order, *grid)
         return order
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, M + 1, D) after norm_f; the class token is at index M // 2."""
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images -> the (B, M + 1, D) input sequence (class token spliced in at M // 2) and the patch grid."""
         if x.dim() != 4:
             raise ValueError(f"VisionMamba expects images of shape (batch, {self.in_chans}, H, W), "
                              f"got {tuple(x.shape)}")
@@ -307,11 +307,62 @@ class VisionMamba(nn.Module):
             order = self._branch_order(grid)
             for layer in self.layers:
                 layer.mixer.branch_order = order
-        hidden, residual = x, None
-        for layer in self.layers:
+        return x, grid
+
+    def _run_layers(self, x: torch.Tensor, n_layers: int, keep=()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the first `n_layers` layers; returns the final residual stream (hidden + residual, what norm_f
+        normalises) and the streams after the layers whose index is in `keep`."""
+        hidden, residual, kept = x, None, []
+        for i, layer in enumerate(self.layers[:n_layers]):
             hidden, residual = layer(hidden, residual)
-        residual = hidden if residual is None else self.drop_path(hidden) + residual
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+            if i in keep:
+                kept.append(hidden + residual)
+        return (hidden if residual is None else self.drop_path(hidden) + residual), kept
+
+    def _norm(self, stream: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self.norm_f, "weight", None)  # norm_f is an Identity after pruning
+        return self.norm_f(stream if weight is None else stream.to(weight.dtype))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, M + 1, D) after norm_f; the class token is at index M // 2."""
+        x, _ = self._tokens(x)
+        return self._norm(self._run_layers(x, len(self.layers))[0])
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's intermediate-feature interface (what `features_only=True` calls): the residual stream after
+        the layers in `indices` (last n for an int, all for None), the class token removed, as (B, D, h, w)
+        maps (`NCHW`) or (B, h·w, D) tokens (`NLC`); `norm` applies norm_f to each. Returns the list, or
+        (final features, list) unless `intermediates_only`."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        x, grid = self._tokens(x)
+        n_layers = max_index + 1 if stop_early or intermediates_only else len(self.layers)
+        final, streams = self._run_layers(x, n_layers, keep=set(take))
+        intermediates = []
+        for y in streams:
+            y = self._norm(y) if norm else y
+            tp = (y.shape[1] - 1) // 2
+            y = torch.cat([y[:, :tp], y[:, tp + 1:]], dim=1)
+            intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid) if output_fmt == "NCHW" else y)
+        return intermediates if intermediates_only else (self._norm(final), intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the layers after the last of `indices` (and norm_f / the head when asked); returns the
+        absolute indices kept, as timm's feature wrapper expects."""
+        from timm.models._features import feature_take_indices
+
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, M + 1, D) features -> logits, or the pooled (B, D) features when `pre_logits`."""
@@ -447,7 +498,9 @@ default_cfgs = generate_default_cfgs(
 
 
 def _timm_build(name: str, pretrained: bool, kwargs: dict) -> VisionMamba:
+    out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(VisionMamba, f"ssmkit_{name}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
                                 **{**VIM_CONFIGS[name], **kwargs})
 
 

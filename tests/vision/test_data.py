@@ -8,7 +8,7 @@ from PIL import Image
 
 from ssmkit.vision.data import (ClassificationDataset, DataError, ImageFolderDataset, ImageTransform,
                                 load_digits_split, load_fashion_mnist, load_idx_folder, load_image_folder,
-                                read_idx, stratified_split, write_idx)
+                                read_idx, stratified_split, stratified_subset, write_idx)
 
 
 def _mnist_folder(root, n_train=12, n_test=5, gz=True, size=6):
@@ -133,6 +133,16 @@ def test_digits_split_is_stratified_and_deterministic():
     assert x.shape == (1, 8, 8) and 0 <= float(x.min()) and float(x.max()) <= 1
     tr, te = stratified_split(np.array([0, 0, 1, 1, 1, 1, 2]), 0.5, seed=3)
     assert sorted(tr.tolist() + te.tolist()) == list(range(7)) and 6 in tr.tolist()
+
+
+def test_stratified_subset_is_fixed_and_class_balanced():
+    _, test = load_digits_split(seed=0)
+    part = stratified_subset(test, 100, seed=1)
+    assert abs(len(part) - 100) <= 10 and set(part.labels.tolist()) == set(range(10))
+    assert np.all(np.bincount(part.labels, minlength=10) >= 8)
+    again = stratified_subset(test, 100, seed=1)
+    assert torch.equal(part.raw(5)[0], again.raw(5)[0]) and part.raw(5)[1] == again.raw(5)[1]
+    assert stratified_subset(test, 0, seed=1) is test and stratified_subset(test, 10**6, seed=1) is test
 
 
 def test_transforms_resize_normalise_and_draw_per_epoch():
