@@ -3,10 +3,10 @@
 Two families, each measured in a fresh subprocess (so the CPU peak RSS belongs to one measurement):
 
 - scan2d at (batch, dim, H, W, d_state): `selective_scan_2d` over the four corner directions with
-  backend "chunked" (and "ref", the cell-by-cell double loop, only at tiny sizes), vs the peer
+  backend "chunked", "triton" (CUDA only) and "ref" (the cell-by-cell double loop, tiny sizes only), vs the peer
   "cross_scan": VMamba's way of scanning an image — `gather` the feature map in the four cross-scan
   orders (`get_scan_order("cross4")`), run one grouped 1-D `selective_scan` over the 4·dim sequences
-  (B, C per direction as groups), `merge` back. Same inputs (u, delta, A, B, C, D) for both.
+  (B, C per direction as groups; the fastest 1-D backend of the device), `merge` back. Same inputs (u, delta, A, B, C, D) for both.
 - convssm at (batch, frames, channels, H, W, P): `convssm_scan` (parallel over time) vs "step_loop",
   `convssm_step` frame after frame (the sequential form used for generation, and the oracle).
 
@@ -30,7 +30,7 @@ SCAN2D_SMALL = ["1,4,8,8,4", "2,32,16,16,8", "2,64,28,28,16"]
 SCAN2D_FULL = ["8,192,56,56,16"]
 CONVSSM_SMALL = ["2,8,16,16,16,16", "2,16,32,32,32,32"]
 CONVSSM_FULL = ["8,16,64,32,32,64"]
-SCAN2D_IMPLS = ["ref", "chunked", "cross_scan"]
+SCAN2D_IMPLS = ["ref", "chunked", "triton", "cross_scan"]
 CONVSSM_IMPLS = ["scan", "step_loop"]
 
 
@@ -47,7 +47,7 @@ def _scan2d_case(shape, impl, device):
     A, D = -(0.5 + torch.rand(d, N, generator=g)), torch.randn(d, generator=g)
     B, C = torch.randn(b, N, H, W, generator=g), torch.randn(b, N, H, W, generator=g)
     args = [t.to(device).requires_grad_() for t in (u, delta, A, B, C, D)]
-    if impl in ("ref", "chunked"):
+    if impl in ("ref", "chunked", "triton"):
         def fn(u, delta, A, B, C, D):
             return selective_scan_2d(u, delta, A, B, C, D, directions=DIRECTIONS, backend=impl)
     else:
@@ -58,7 +58,7 @@ def _scan2d_case(shape, impl, device):
             xs = gather(u, orders).reshape(b, K * d, H * W)
             dts = gather(delta, orders).reshape(b, K * d, H * W)
             Bs, Cs = gather(B, orders), gather(C, orders)  # (b, K, N, L): one group per direction
-            y = selective_scan(xs, dts, A.repeat(K, 1), Bs, Cs, D.repeat(K), backend="chunked")
+            y = selective_scan(xs, dts, A.repeat(K, 1), Bs, Cs, D.repeat(K))
             return merge(y.view(b, K, d, H * W), orders, (H, W))
     return fn, args, b * d * H * W
 
@@ -144,6 +144,8 @@ def main(argv=None) -> None:
         if family == "scan2d" and impl == "ref" and dims[2] * dims[3] > a.ref_max_cells:
             skipped.append(f"{family} {impl} at {shape}: {dims[2] * dims[3]} cells > --ref-max-cells")
             continue
+        if impl == "triton" and a.device != "cuda":
+            continue  # Triton's CPU interpreter is for tests, not timings
         cmd = [sys.executable, __file__, "--worker", family, impl, shape, "--device", a.device,
                "--repeats", str(a.repeats), "--threads", str(a.threads)]
         try:

@@ -23,12 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssmkit.core.mamba import add_ssm_parameters
-from ssmkit.core.scan import linear_scan
+from ssmkit.core.scan import _pick_backend, linear_scan
 
 __all__ = ["selective_scan_2d", "Mamba2D", "DIRECTIONS", "BACKENDS_2D"]
 
 DIRECTIONS = ("tl", "tr", "bl", "br")
-BACKENDS_2D = ("ref", "chunked")
+BACKENDS_2D = ("ref", "chunked", "triton")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,8 +69,7 @@ def _check_2d_args(u, delta, A, B, C, D, delta_bias, directions, backend):
         raise ValueError(f"selective_scan_2d: directions {directions!r} must be a non-empty sequence "
                          f"of {DIRECTIONS}")
     if backend not in (None,) + BACKENDS_2D:
-        raise ValueError(f"selective_scan_2d: unknown backend {backend!r}; choose one of {BACKENDS_2D} "
-                         "(no Triton kernel yet)")
+        raise ValueError(f"selective_scan_2d: unknown backend {backend!r}; choose one of {BACKENDS_2D}")
     return out[0], out[1], directions
 
 
@@ -89,9 +88,11 @@ def selective_scan_2d(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     "bl", "br" (origins; outputs summed, D·u added once). Returns y (batch, dim, H, W), dtype of u;
     computed in fp32 (fp64 for fp64 u).
     backend "ref": a double loop over cells (the oracle; H·W Python steps).
-    backend "chunked" (default): two `linear_scan`s per direction, rows then columns, parallel over
-    the grid. It materialises Ā and the states g, h as (batch, dim, d_state, H, W) — d_state times
-    the input size, plus the same again saved for backward; a fused kernel should not.
+    backend "chunked" (the CPU default): two `linear_scan`s per direction, rows then columns, parallel
+    over the grid. It materialises Ā and the states g, h as (batch, dim, d_state, H, W) — d_state times
+    the input size, plus the same again saved for backward.
+    backend "triton" (the CUDA default; fp32 compute): `ssmkit.kernels.scan2d`, both passes fused row by
+    row, the states never stored whole (memory O(·d_state·W·√H), recomputation in backward).
     """
     B, C, directions = _check_2d_args(u, delta, A, B, C, D, delta_bias, directions, backend)
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -101,12 +102,18 @@ def selective_scan_2d(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
         dt = dt + delta_bias.to(cd)[:, None, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    a = torch.exp(dt[:, :, None] * A.to(cd)[None, :, :, None, None])  # (batch, dim, N, H, W)
-    x = (dt * u.to(cd))[:, :, None] * _per_channel(B.to(cd), dim)
-    Cd = _per_channel(C.to(cd), dim)
-    scan = _scan2d_ref if backend == "ref" else _scan2d_chunked
-    y = sum(scan(a, x, right_to_left=d[1] == "r", bottom_up=d[0] == "b") for d in directions)
-    y = (y * Cd).sum(2)
+    backend = _pick_backend(backend, u.device, u.dtype)
+    if backend == "triton":
+        from ssmkit.kernels.scan2d import scan2d_triton
+
+        y = sum(scan2d_triton(dt.float(), u.float(), A.float(), B.float(), C.float(), right_to_left=d[1] == "r",
+                              bottom_up=d[0] == "b") for d in directions).to(cd)
+    else:
+        a = torch.exp(dt[:, :, None] * A.to(cd)[None, :, :, None, None])  # (batch, dim, N, H, W)
+        x = (dt * u.to(cd))[:, :, None] * _per_channel(B.to(cd), dim)
+        scan = _scan2d_ref if backend == "ref" else _scan2d_chunked
+        y = sum(scan(a, x, right_to_left=d[1] == "r", bottom_up=d[0] == "b") for d in directions)
+        y = (y * _per_channel(C.to(cd), dim)).sum(2)
     if D is not None:
         y = y + D.to(cd)[:, None, None] * u.to(cd)
     return y.to(u.dtype)
