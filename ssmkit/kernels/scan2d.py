@@ -30,28 +30,29 @@ __all__ = ["scan2d_triton"]
 
 
 @triton.jit
-def _col(p, W, RTL: tl.constexpr):
-    """Image column of scan position p (right-to-left scans walk the columns backwards)."""
-    if RTL:
-        return W - 1 - p
+def _index(i, n, BACKWARDS: tl.constexpr):
+    """Image row or column of scan position i along an axis of length n (scanned backwards: n - 1 - i)."""
+    if BACKWARDS:
+        return n - 1 - i
     else:
-        return p
+        return i
 
 
 @triton.jit
-def _row(r, H, BU: tl.constexpr):
-    if BU:
-        return H - 1 - r
-    else:
-        return r
-
-
-@triton.jit
-def _load_row(dt_ptr, u_ptr, B_ptr, row, cols, n, pm, mask2, sB_n, sB_h, sB_w, W):
+def _load_row(dt_ptr, u_ptr, B_ptr, A, row, cols, n, pm, mask2, sB_n, sB_h, sB_w, W):
+    """dt, u and B of one image row in scan order, and Ā = exp(dt·A) (1 in the padding)."""
     dtv = tl.load(dt_ptr + row * W + cols, mask=pm, other=0.0)
     uv = tl.load(u_ptr + row * W + cols, mask=pm, other=0.0)
     Bv = tl.load(B_ptr + n[None, :] * sB_n + row * sB_h + cols[:, None] * sB_w, mask=mask2, other=0.0)
-    return dtv, uv, Bv
+    a = tl.where(mask2, tl.exp(dtv[:, None] * A[None, :]), 1.0)
+    return dtv, uv, Bv, a
+
+
+@triton.jit
+def _next_row_state(h, a, dtv, uv, Bv):
+    """The states of the next row from the row above: row pass (scan along W), then the column step."""
+    _, g = tl.associative_scan((a, (dtv * uv)[:, None] * Bv), axis=0, combine_fn=_combine)
+    return a * h + g
 
 
 @triton.jit
@@ -65,7 +66,7 @@ def _scan2d_fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, y_ptr, st_ptr,
     n = tl.arange(0, NP)
     pm = p < W
     mask2 = pm[:, None] & (n < N)[None, :]
-    cols = _col(p, W, RTL)
+    cols = _index(p, W, RTL)
     plane = (b * dim + d) * H * W
     A = tl.load(A_ptr + d * N + n, mask=n < N, other=0.0)
     B_base = B_ptr + b * sB_b + (d // cpg_B) * sB_g
@@ -76,12 +77,10 @@ def _scan2d_fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, y_ptr, st_ptr,
     for r in range(H):
         if r % K == 0:
             tl.store(st_base + (r // K) * BW * NP + tile, h)
-        row = _row(r, H, BU)
-        dtv, uv, Bv = _load_row(dt_ptr + plane, u_ptr + plane, B_base, row, cols, n, pm, mask2, sB_n, sB_h, sB_w, W)
-        a = tl.where(mask2, tl.exp(dtv[:, None] * A[None, :]), 1.0)
-        x = (dtv * uv)[:, None] * Bv
-        _, g = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
-        h = a * h + g
+        row = _index(r, H, BU)
+        dtv, uv, Bv, a = _load_row(dt_ptr + plane, u_ptr + plane, B_base, A, row, cols, n, pm, mask2,
+                                   sB_n, sB_h, sB_w, W)
+        h = _next_row_state(h, a, dtv, uv, Bv)
         Cv = tl.load(C_base + n[None, :] * sC_n + row * sC_h + cols[:, None] * sC_w, mask=mask2, other=0.0)
         tl.store(y_ptr + plane + row * W + cols, tl.sum(h * Cv, axis=1), mask=pm)
 
@@ -99,12 +98,12 @@ def _scan2d_bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, st_ptr, scr_p
     pm = p < W
     nm = n < N
     mask2 = pm[:, None] & nm[None, :]
-    cols = _col(p, W, RTL)
+    cols = _index(p, W, RTL)
     # the previous and next positions along the scan, for the shifted terms g[i, j-1] and Ā[i, j+1]
     prev_m = pm & (p >= 1)
     next_m = (p + 1) < W
-    cols_prev = _col(p - 1, W, RTL)
-    cols_next = _col(p + 1, W, RTL)
+    cols_prev = _index(p - 1, W, RTL)
+    cols_next = _index(p + 1, W, RTL)
     mask_prev = prev_m[:, None] & nm[None, :]
     plane = (b * dim + d) * H * W
     A = tl.load(A_ptr + d * N + n, mask=nm, other=0.0)
@@ -129,22 +128,19 @@ def _scan2d_bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, st_ptr, scr_p
         for k in range(K):
             r = r0 + k
             if r < H:
-                row = _row(r, H, BU)
-                dtv, uv, Bv = _load_row(dt_ptr + plane, u_ptr + plane, B_base, row, cols, n, pm, mask2,
-                                        sB_n, sB_h, sB_w, W)
-                a = tl.where(mask2, tl.exp(dtv[:, None] * A[None, :]), 1.0)
-                _, g = tl.associative_scan((a, (dtv * uv)[:, None] * Bv), axis=0, combine_fn=_combine)
-                h = a * h + g
+                row = _index(r, H, BU)
+                dtv, uv, Bv, a = _load_row(dt_ptr + plane, u_ptr + plane, B_base, A, row, cols, n, pm, mask2,
+                                           sB_n, sB_h, sB_w, W)
+                h = _next_row_state(h, a, dtv, uv, Bv)
                 tl.store(scr + (k + 1) * BW * NP + tile, h)
         tl.debug_barrier()
         for kk in range(K):
             k = K - 1 - kk
             r = r0 + k
             if r < H:
-                row = _row(r, H, BU)
-                dtv, uv, Bv = _load_row(dt_ptr + plane, u_ptr + plane, B_base, row, cols, n, pm, mask2,
-                                        sB_n, sB_h, sB_w, W)
-                a = tl.where(mask2, tl.exp(dtv[:, None] * A[None, :]), 1.0)
+                row = _index(r, H, BU)
+                dtv, uv, Bv, a = _load_row(dt_ptr + plane, u_ptr + plane, B_base, A, row, cols, n, pm, mask2,
+                                           sB_n, sB_h, sB_w, W)
                 h = tl.load(scr + (k + 1) * BW * NP + tile)
                 h_up = tl.load(scr + k * BW * NP + tile)
                 Cv = tl.load(C_base + n[None, :] * sC_n + row * sC_h + cols[:, None] * sC_w, mask=mask2, other=0.0)
