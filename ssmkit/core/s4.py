@@ -1,0 +1,272 @@
+"""S4 and S4D: linear time-invariant state-space layers with a convolution mode and a recurrent mode.
+
+A layer maps each of H channels u (length L) through the discretised system
+    x_t = Ā x_{t-1} + B̄ u_t,   y_t = 2·Re(C x_t) + D u_t
+whose complex state x holds N/2 modes (the conjugate half of the N-dimensional real state is implied by
+the 2·Re). Training uses the convolution y = K * u + D u with the kernel K_l = 2·Re(C Āˡ B̄) of length
+L = input length (never truncated, so convolution and recurrence are the same function); generation
+uses `setup_step` / `default_state` / `step`, which apply the same Ā, B̄, C one sample at a time.
+
+Kernels (both share dt, C and D; `n_ssm` copies of the state matrix and B are shared over channels):
+- `S4DKernel` (diagonal, the default): Λ with Re Λ = −exp(·) < 0, 'lin' or 'inv' initialisation
+  (S4D paper), ZOH or bilinear discretisation; K by a Vandermonde product.
+- `DPLRKernel` (S4): A = diag(Λ) − P Pᴴ with Re Λ = −exp(·), SaShiMi's "Hurwitz" form: A + Aᴴ ≺ 0, so
+  every eigenvalue lies in the open left half-plane and the bilinear recurrence is stable. Initialised
+  from the normal-plus-low-rank form of HiPPO-LegS. K from its generating function at the L-th roots of
+  unity (Cauchy sums + Woodbury identity), with C̃ = C(I − Āᴸ) accounting for the finite length.
+
+The plain references (`kernel_reference`: powers of Ā;
+`causal_conv_reference`: a direct convolution) are the oracles the tests compare the fast paths with.
+dt is initialised log-uniformly in [dt_min, dt_max] as in the papers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["S4DKernel", "DPLRKernel", "S4Conv", "fft_causal_conv", "causal_conv_reference",
+           "kernel_reference", "hippo_legs_nplr"]
+
+
+def _ssm_parameter(value: torch.Tensor) -> nn.Parameter:
+    """A state-space parameter (dt, Λ, B, P): trained without weight decay, as in the papers."""
+    p = nn.Parameter(value)
+    p._no_weight_decay = True
+    return p
+
+
+def _complex(p: torch.Tensor) -> torch.Tensor:
+    """A complex view of a real parameter stored with a trailing (re, im) dimension."""
+    return torch.view_as_complex(p) if p.dtype in (torch.float32, torch.float64) else p
+
+
+def _log_dt(d_model: int, dt_min: float, dt_max: float) -> torch.Tensor:
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    return torch.rand(d_model) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+
+
+class _KernelBase(nn.Module):
+    """Shared parameters: per-channel log dt and output matrix C (H, N/2); n_ssm state matrices."""
+
+    def __init__(self, d_model: int, d_state: int, n_ssm: int | None, dt_min: float, dt_max: float):
+        super().__init__()
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f"d_state must be even and >= 2 (conjugate pairs), got {d_state}")
+        n_ssm = d_model if n_ssm is None else n_ssm
+        if n_ssm < 1 or d_model % n_ssm:
+            raise ValueError(f"n_ssm ({n_ssm}) must divide d_model ({d_model})")
+        self.d_model, self.d_state, self.n_ssm = d_model, d_state, n_ssm
+        self.log_dt = _ssm_parameter(_log_dt(d_model, dt_min, dt_max))
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(d_model, d_state // 2, dtype=torch.cfloat)))
+
+    def _expand(self, x: torch.Tensor) -> torch.Tensor:
+        """(n_ssm, ...) -> (H, ...): each state matrix serves H / n_ssm consecutive channels."""
+        return x.repeat_interleave(self.d_model // self.n_ssm, 0)
+
+    def dt(self) -> torch.Tensor:
+        return self.log_dt.exp()
+
+    def state_eigenvalues(self) -> torch.Tensor:
+        """Λ (n_ssm, N/2) = −exp(log_A_real) − i·A_imag: the diagonal part, Re < 0 by construction
+        (the subclasses set log_A_real and A_imag)."""
+        return torch.complex(-self.log_A_real.exp(), -self.A_imag)
+
+
+class S4DKernel(_KernelBase):
+    """Diagonal state matrix Λ (S4D). init 'lin': Λ_n = −1/2 − iπn; 'inv': Λ_n = −1/2 − i(N/π)(N/(2n+1) − 1).
+    disc 'zoh': Ā = exp(ΔΛ), B̄ = (exp(ΔΛ) − 1)/Λ·B; 'bilinear': Ā = (1 + ΔΛ/2)/(1 − ΔΛ/2), B̄ = Δ/(1 − ΔΛ/2)·B."""
+
+    def __init__(self, d_model: int, d_state: int = 64, n_ssm: int | None = None, init: str = "lin",
+                 disc: str = "zoh", dt_min: float = 1e-3, dt_max: float = 1e-1):
+        super().__init__(d_model, d_state, n_ssm, dt_min, dt_max)
+        if disc not in ("zoh", "bilinear"):
+            raise ValueError(f"disc must be 'zoh' or 'bilinear', got {disc!r}")
+        half = d_state // 2
+        n = torch.arange(half, dtype=torch.float)
+        if init == "lin":
+            imag = math.pi * n
+        elif init == "inv":
+            imag = d_state / math.pi * (d_state / (2 * n + 1) - 1)
+        else:
+            raise ValueError(f"init must be 'lin' or 'inv', got {init!r}")
+        self.disc = disc
+        self.log_A_real = _ssm_parameter(torch.full((self.n_ssm, half), math.log(0.5)))
+        self.A_imag = _ssm_parameter(imag.repeat(self.n_ssm, 1))
+        self.B = _ssm_parameter(torch.view_as_real(torch.ones(self.n_ssm, half, dtype=torch.cfloat)))
+
+    def discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Ā diagonal (H, N/2), B̄ (H, N/2), C (H, N/2)), complex."""
+        lam = self._expand(self.state_eigenvalues())
+        dt = self.dt()[:, None]
+        b = self._expand(_complex(self.B))
+        if self.disc == "zoh":
+            dA = torch.exp(dt * lam)
+            dB = (dA - 1) / lam * b
+        else:
+            dA = (1 + dt * lam / 2) / (1 - dt * lam / 2)
+            dB = dt / (1 - dt * lam / 2) * b
+        return dA, dB, _complex(self.C)
+
+    def forward(self, length: int) -> torch.Tensor:
+        """The kernel K (H, length): K_l = 2·Re Σ_n C_n B̄_n Ā_nˡ, a Vandermonde product. With l = a·c + b
+        (c ≈ √L) Ā_nˡ = Ā_n^(a·c) Ā_n^b, so K is a batched matrix product of two small Vandermonde
+        matrices and the (H, N/2, L) tensor of powers is never formed."""
+        dA, dB, C = self.discrete()
+        log_dA = torch.log(dA)[..., None]
+        block = math.isqrt(length - 1) + 1
+        n_blocks = -(-length // block)
+        steps = torch.arange(max(block, n_blocks), device=dA.device)
+        outer = torch.exp(log_dA * (steps[:n_blocks] * block)) * (C * dB)[..., None]  # (H, N/2, blocks)
+        inner = torch.exp(log_dA * steps[:block])  # (H, N/2, block)
+        return 2 * (outer.transpose(1, 2) @ inner).real.reshape(self.d_model, -1)[:, :length]
+
+
+def hippo_legs_nplr(d_state: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HiPPO-LegS in normal-plus-low-rank form, diagonalised: LegS = S − p pᵀ with S = V diag(Λ) Vᴴ
+    normal (Re Λ = −1/2). Returns (Λ, P = Vᴴp, B = Vᴴq), each (N/2,) complex, for one eigenvalue of each
+    conjugate pair (Im Λ < 0); as in S4, diag(Λ) − P Pᴴ on this half, with its mirror conjugate half,
+    is the DPLR initialisation (it drops the rank-1 coupling between the two halves)."""
+    q = torch.sqrt(2 * torch.arange(d_state, dtype=torch.float64) + 1)
+    # LegS A = S − p pᵀ with p = q/√2 and S = −I/2 + skew; the skew part is diagonalised by eigh
+    skew = -0.5 * q[:, None] * q[None, :] * torch.sign(torch.arange(d_state)[:, None] - torch.arange(d_state))
+    mu, V = torch.linalg.eigh(-1j * skew.to(torch.complex128))
+    keep = mu < 0  # one of each ±μ pair
+    lam = torch.complex(torch.full_like(mu[keep], -0.5), mu[keep])
+    Vh = V[:, keep].conj().T
+    p = (q / math.sqrt(2)).to(torch.complex128)
+    return lam, Vh @ p, Vh @ q.to(torch.complex128)
+
+
+class DPLRKernel(_KernelBase):
+    """S4 with A = diag(Λ) − P Pᴴ, Re Λ = −exp(log_A_real) (Hurwitz), bilinear discretisation, LegS init."""
+
+    def __init__(self, d_model: int, d_state: int = 64, n_ssm: int | None = 1, dt_min: float = 1e-3,
+                 dt_max: float = 1e-1):
+        super().__init__(d_model, d_state, n_ssm, dt_min, dt_max)
+        lam, p, b = hippo_legs_nplr(d_state)
+        rep = lambda x: x.to(torch.cfloat).repeat(self.n_ssm, 1)  # noqa: E731
+        self.log_A_real = _ssm_parameter(torch.log(-lam.real).float().repeat(self.n_ssm, 1))
+        self.A_imag = _ssm_parameter(-lam.imag.float().repeat(self.n_ssm, 1))
+        self.P = _ssm_parameter(torch.view_as_real(rep(p)))
+        self.B = _ssm_parameter(torch.view_as_real(rep(b)))
+
+    def state_matrix(self) -> torch.Tensor:
+        """A = diag(Λ) − P Pᴴ (n_ssm, N/2, N/2): A + Aᴴ is negative definite, so A is Hurwitz."""
+        p = _complex(self.P)
+        return torch.diag_embed(self.state_eigenvalues()) - p[:, :, None] * p[:, None, :].conj()
+
+    def discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Ā (H, N/2, N/2), B̄ (H, N/2), C (H, N/2)) of the bilinear discretisation, dense."""
+        A = self._expand(self.state_matrix())
+        dt = self.dt().to(A.dtype)[:, None, None]
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        left = eye - dt / 2 * A
+        dA = torch.linalg.solve(left, eye + dt / 2 * A)
+        dB = torch.linalg.solve(left, dt[..., 0] * self._expand(_complex(self.B)))
+        return dA, dB, _complex(self.C)
+
+    def forward(self, length: int) -> torch.Tensor:
+        """The kernel K (H, length) from its generating function at the length-th roots of unity ω:
+        Σ_l C Āˡ B̄ ωˡ = 2/(1+ω) · C̃ (g − A)⁻¹ B with g = 2/Δ·(1−ω)/(1+ω), C̃ = C(I − Āᴸ); the resolvent
+        of diag(Λ) − P Pᴴ comes from Cauchy sums by the Woodbury identity."""
+        dA, _, C = self.discrete()
+        C_tilde = C - torch.einsum("hn,hnm->hm", C, torch.linalg.matrix_power(dA, length))
+        lam = self._expand(self.state_eigenvalues())
+        p, b = self._expand(_complex(self.P)), self._expand(_complex(self.B))
+        dt = self.dt()
+        nodes = torch.arange(length, device=dt.device, dtype=torch.float64)
+        omega = torch.exp(-2j * math.pi * nodes / length).to(lam.dtype)
+        # at ω = −1 (even L) the formula is 0/0; evaluate elsewhere there and use the limit below
+        at_minus_one = nodes == length // 2 if length % 2 == 0 else torch.zeros_like(nodes, dtype=torch.bool)
+        omega = torch.where(at_minus_one, torch.zeros_like(omega), omega)
+        g = 2 / dt[:, None] * (1 - omega) / (1 + omega)  # (H, L), purely imaginary on the unit circle
+        r = 1 / (g[:, None, :] - lam[:, :, None])  # (H, N/2, L); Re Λ < 0 keeps it finite
+
+        def cauchy(u, v):
+            return torch.einsum("hn,hnl->hl", u * v, r)
+
+        k00, k01 = cauchy(C_tilde, b), cauchy(C_tilde, p)
+        k10, k11 = cauchy(p.conj(), b), cauchy(p.conj(), p)
+        generating = 2 / (1 + omega) * (k00 - k01 * k10 / (1 + k11))
+        # ω = −1: Σ_l C Āˡ B̄ (−1)ˡ = C̃ (I + Ā)⁻¹ B̄, and for the bilinear Ā, B̄ that is C̃·Δ/2·B
+        limit = torch.einsum("hn,hn->h", C_tilde, dt.to(b.dtype)[:, None] / 2 * b)
+        generating = torch.where(at_minus_one, limit[:, None], generating)
+        return 2 * torch.fft.ifft(generating, dim=-1).real
+
+
+def kernel_reference(kernel: S4DKernel | DPLRKernel, length: int) -> torch.Tensor:
+    """K_l = 2·Re(C Āˡ B̄) by repeated multiplication with Ā (diagonal or dense): the oracle of both kernels."""
+    dA, dB, C = kernel.discrete()
+    x, out = dB, []
+    for _ in range(length):
+        out.append(2 * (C * x).sum(-1).real)
+        x = dA * x if dA.ndim == 2 else torch.einsum("hnm,hm->hn", dA, x)
+    return torch.stack(out, -1)
+
+
+def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """y_t = Σ_{s≤t} k_{t−s} u_s for u (..., H, L) and k (H, L), by FFT at length 2L (no wrap-around)."""
+    length = u.shape[-1]
+    n = 2 * length
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
+    return y[..., :length]
+
+
+def causal_conv_reference(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The same causal convolution as `fft_causal_conv`, computed directly (conv1d, groups = H)."""
+    length = u.shape[-1]
+    return F.conv1d(F.pad(u, (length - 1, 0)), k.flip(-1)[:, None, :], groups=k.shape[0])
+
+
+class S4Conv(nn.Module):
+    """One S4/S4D layer over (batch, H, L): y = K * u + D u (convolution), or the same by recurrence.
+
+    kernel: 's4d' (diagonal) or 'dplr' (S4 with the Hurwitz DPLR state matrix); other keyword
+    arguments go to the kernel class.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, kernel: str = "s4d", **kernel_args):
+        super().__init__()
+        if kernel == "s4d":
+            self.kernel = S4DKernel(d_model, d_state, **kernel_args)
+        elif kernel == "dplr":
+            self.kernel = DPLRKernel(d_model, d_state, **kernel_args)
+        else:
+            raise ValueError(f"kernel must be 's4d' or 'dplr', got {kernel!r}")
+        self.D = nn.Parameter(torch.randn(d_model))
+        self._step_matrices = None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u (batch, H, L) -> y (batch, H, L), causal: y_t depends on u_{≤t}."""
+        if u.ndim != 3 or u.shape[1] != self.kernel.d_model:
+            raise ValueError(f"S4Conv expects (batch, {self.kernel.d_model}, length), got {tuple(u.shape)}")
+        # the FFT runs in fp32 at least, also under bf16 autocast (bf16 FFTs are inexact and mostly unsupported)
+        work = u if u.dtype == torch.float64 else u.float()
+        k = self.kernel(u.shape[-1]).to(work.dtype)
+        return fft_causal_conv(work, k).to(u.dtype) + self.D[:, None] * u
+
+    def setup_step(self) -> None:
+        """Cache Ā, B̄, C of the current parameters for `step` (call again after changing the weights)."""
+        with torch.no_grad():
+            self._step_matrices = tuple(t.detach() for t in self.kernel.discrete())
+
+    def default_state(self, batch: int) -> torch.Tensor:
+        """The zero state (batch, H, N/2), complex."""
+        C = _complex(self.kernel.C)
+        return torch.zeros(batch, *C.shape, dtype=C.dtype, device=C.device)
+
+    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample: u (batch, H) -> (y (batch, H), new state); O(H·N) for S4D, O(H·N²) for DPLR."""
+        if self._step_matrices is None:
+            raise RuntimeError("call setup_step() before step()")
+        dA, dB, C = self._step_matrices
+        if dA.ndim == 2:
+            state = dA * state + dB * u[..., None]
+        else:
+            state = torch.einsum("hnm,bhm->bhn", dA, state) + dB * u[..., None]
+        y = 2 * (C * state).sum(-1).real.to(u.dtype) + self.D * u
+        return y, state
