@@ -169,6 +169,17 @@ class DPLRKernel(_KernelBase):
         dB = torch.linalg.solve(left, dt[..., 0] * self._expand(_complex(self.B)))
         return dA, dB, _complex(self.C)
 
+    def step_factors(self) -> tuple[torch.Tensor, ...]:
+        """Per-channel factors of the O(N) bilinear step (the S4 code's "linear" step mode): x' = M⁻¹((I +
+        Δ/2·A) x + Δ·B·u) with M = I − Δ/2·A = E + Δ/2·P Pᴴ, E diagonal, inverted by the Woodbury identity,
+        so Ā is never formed. Returns (Λ, P, Δ/2, E⁻¹, Δ/2·E⁻¹P, 1 + Δ/2·Pᴴ E⁻¹ P, Δ·B), each (H, N/2) or (H, 1)."""
+        lam, p = self._expand(self.state_eigenvalues()), self._expand(_complex(self.P))
+        dt = self.dt().to(lam.dtype)[:, None]
+        half = dt / 2
+        e_inv = 1 / (1 - half * lam)
+        denom = 1 + (half * p.conj() * e_inv * p).sum(-1, keepdim=True)
+        return lam, p, half, e_inv, half * e_inv * p, denom, dt * self._expand(_complex(self.B))
+
     def forward(self, length: int) -> torch.Tensor:
         """The kernel K (H, length) from its generating function at the length-th roots of unity ω:
         Σ_l C Āˡ B̄ ωˡ = 2/(1+ω) · C̃ (g − A)⁻¹ B with g = 2/Δ·(1−ω)/(1+ω), C̃ = C(I − Āᴸ); the resolvent
@@ -250,9 +261,11 @@ class S4Conv(nn.Module):
         return fft_causal_conv(work, k).to(u.dtype) + self.D[:, None] * u
 
     def setup_step(self) -> None:
-        """Cache Ā, B̄, C of the current parameters for `step` (call again after changing the weights)."""
+        """Cache what `step` needs from the current parameters (call again after changing the weights):
+        Ā, B̄ (diagonal) for S4D; the Woodbury factors of the bilinear step for DPLR."""
         with torch.no_grad():
-            self._step_matrices = tuple(t.detach() for t in self.kernel.discrete())
+            terms = self.kernel.step_factors() if isinstance(self.kernel, DPLRKernel) else self.kernel.discrete()[:2]
+            self._step_matrices = tuple(t.detach() for t in terms) + (_complex(self.kernel.C).detach(),)
 
     def default_state(self, batch: int) -> torch.Tensor:
         """The zero state (batch, H, N/2), complex."""
@@ -260,13 +273,17 @@ class S4Conv(nn.Module):
         return torch.zeros(batch, *C.shape, dtype=C.dtype, device=C.device)
 
     def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sample: u (batch, H) -> (y (batch, H), new state); O(H·N) for S4D, O(H·N²) for DPLR."""
+        """One sample: u (batch, H) -> (y (batch, H), new state), O(H·N) for both kernels."""
         if self._step_matrices is None:
             raise RuntimeError("call setup_step() before step()")
-        dA, dB, C = self._step_matrices
-        if dA.ndim == 2:
+        *terms, C = self._step_matrices
+        if len(terms) == 2:  # S4D: Ā, B̄ diagonal
+            dA, dB = terms
             state = dA * state + dB * u[..., None]
-        else:
-            state = torch.einsum("hnm,bhm->bhn", dA, state) + dB * u[..., None]
+        else:  # DPLR: M⁻¹ (I + Δ/2·A) x + M⁻¹ Δ B u, with M⁻¹ by Woodbury
+            lam, p, half, e_inv, q, denom, dtB = terms
+            r = state + half * (lam * state - p * (p.conj() * state).sum(-1, keepdim=True)) + dtB * u[..., None]
+            s = e_inv * r
+            state = s - q * ((p.conj() * s).sum(-1, keepdim=True) / denom)
         y = 2 * (C * state).sum(-1).real.to(u.dtype) + self.D * u
         return y, state
