@@ -1,0 +1,128 @@
+"""`ssmkit dna`: pretrain, finetune (scratch / ssmkit run / official checkpoint), eval, embed, predict, demo."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ssmkit.apps.cli as cli
+from ssmkit.apps.dna import DnaConfig, application
+from ssmkit.genomics.hyenadna import HyenaDNALM
+
+SIZE = ["--d-model", "16", "--d-inner", "32", "--n-layer", "1"]
+QUICK = [*SIZE, "--train-size", "32", "--min-len", "48", "--max-len", "48", "--batch-size", "8", "--steps", "2",
+         "--warmup-steps", "1", "--log-every", "1", "--eval-size", "16"]
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cli, "APPLICATIONS", ("ssmkit.apps.dna",))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A pretrain run and a fine-tune from it, through the command line."""
+    root = tmp_path_factory.mktemp("dna")
+    pre, ft = root / "pre", root / "ft"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "APPLICATIONS", ("ssmkit.apps.dna",))
+        assert cli.main(["dna", "pretrain", *QUICK, "--out-dir", str(pre), "--seq-len-warmup", "16"]) == 0
+        assert cli.main(["dna", "finetune", *QUICK, "--out-dir", str(ft), "--pooling", "last",
+                         "--init", str(pre / "model.safetensors")]) == 0
+    return root, pre, ft
+
+
+def test_pretrain_reports_perplexity_and_finetune_starts_from_it(runs):
+    root, pre, ft = runs
+    record = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in record if r["split"] == "eval"]
+    assert evals and 1 < evals[-1]["perplexity"] < 16
+    assert json.loads((ft / "classes.json").read_text()) == ["drosophila", "ecoli", "human", "plasmodium"]
+    last = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"accuracy", "mcc", "f1", "loss"} <= set(last)
+
+
+def test_embed_and_predict_a_fasta_file(runs, tmp_path, capsys):
+    _, _, ft = runs
+    fasta = tmp_path / "q.fa"
+    fasta.write_text(">a\nACGTACGTTTGA\n>b\nGGGCCCATAT\n")
+    out = tmp_path / "e.npy"
+    assert cli.main(["dna", "embed", *SIZE, "--out-dir", str(ft), "--input", str(fasta), "--output", str(out)]) == 0
+    emb = np.load(out)
+    assert emb.shape == (2, 16) and np.isfinite(emb).all()
+    assert cli.main(["dna", "predict", *SIZE, "--out-dir", str(ft), "--input", str(fasta)]) == 0
+    lines = (ft / "predictions.tsv").read_text().splitlines()
+    assert lines[0] == "record\tclass\tprobability" and lines[1].split("\t")[0] == "a" and len(lines) == 3
+    assert lines[1].split("\t")[1] in ("drosophila", "ecoli", "human", "plasmodium")
+    # bad input: a non-ACGTN character, then a record longer than l_max
+    fasta.write_text(">a\nACGTQ\n")
+    assert cli.main(["dna", "predict", *SIZE, "--out-dir", str(ft), "--input", str(fasta)]) == 1
+    assert "record 'a': character 'Q' at position 5" in capsys.readouterr().err
+    assert cli.main(["dna", "predict", *SIZE, "--out-dir", str(ft), "--input", str(fasta), "--unknown-as-n"]) == 0
+    fasta.write_text(">long\n" + "A" * 1100 + "\n")
+    assert cli.main(["dna", "embed", *SIZE, "--out-dir", str(ft), "--input", str(fasta)]) == 1
+    assert "more than the model's l_max 1026" in capsys.readouterr().err
+
+
+def test_short_finetune_beats_chance_on_the_species_task(tmp_path):
+    cfg = DnaConfig(out_dir=str(tmp_path), d_model=16, d_inner=32, n_layer=1, train_size=480, min_len=100,
+                    max_len=100, batch_size=16, steps=30, warmup_steps=3, log_every=10, eval_size=64, lr=1e-2)
+    cfg.validate()
+    result = application.finetune(cfg)
+    assert result.metrics["accuracy"] > 0.40, result.metrics  # chance: 0.25 (4 balanced species)
+    assert result.metrics["mcc"] > 0.15
+
+
+def test_finetune_from_an_official_checkpoint_and_table_data(tmp_path, capsys):
+    torch.manual_seed(0)
+    from ssmkit.genomics.hyenadna import HyenaDNAConfig
+
+    lm = HyenaDNALM(HyenaDNAConfig(d_model=16, n_layer=1, d_inner=32))
+    state = {"model." + k: v for k, v in lm.state_dict().items()}
+    (tmp_path / "official").mkdir()
+    torch.save({"state_dict": state}, tmp_path / "official" / "weights.ckpt")
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("sequence,label\n" + "".join(f"{'AT' * 20},a\n{'GC' * 20},b\n" for _ in range(8)))
+    test.write_text("sequence,label\n" + f"{'AT' * 20},a\n{'GC' * 20},b\n")
+    flags = [*SIZE, "--batch-size", "8", "--steps", "2", "--warmup-steps", "1", "--out-dir", str(tmp_path / "run"),
+             "--data", str(train), "--test-data", str(test), "--init", str(tmp_path / "official")]
+    assert cli.main(["dna", "finetune", *flags]) == 0
+    assert cli.main(["dna", "eval", *flags]) == 0
+    # a checkpoint of another size is refused with the keys named
+    assert cli.main(["dna", "finetune", *flags, "--d-model", "32", "--overwrite"]) == 1
+    assert "does not fit HyenaDNA(d_model=32" in capsys.readouterr().err
+    # classes that differ between train and test
+    test.write_text("sequence,label\nACGT,a\nACGT,c\n")
+    assert cli.main(["dna", "finetune", *flags, "--overwrite"]) == 1
+    assert "classes of the train and test data differ" in capsys.readouterr().err
+    # sequences longer than the model's l_max, given as data or as window length
+    test.write_text("sequence,label\n" + "A" * 1100 + ",a\nGC,b\n")
+    assert cli.main(["dna", "finetune", *flags, "--overwrite"]) == 1
+    assert "a sequence of 1100 bases is longer than the model's l_max 1026" in capsys.readouterr().err
+    assert cli.main(["dna", "finetune", *flags, "--overwrite", "--max-len", "2000"]) == 2
+    assert "max_len 2000 does not fit the model's l_max 1026" in capsys.readouterr().err
+
+
+def test_demo_smoke_section_renders(tmp_path, capsys):
+    assert cli.main(["demo", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    assert "dna: species accuracy" in capsys.readouterr().out
+    md = (tmp_path / "report.md").read_text()
+    assert "DNA with HyenaDNA" in md and "uniform baseline perplexity" in md
+
+
+def test_pretrain_on_a_fasta_file_with_and_without_bed_splits(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    chrom = "".join("ACGT"[i] for i in torch.randint(0, 4, (2000,), generator=g))
+    fasta = tmp_path / "genome.fa"
+    fasta.write_text(f">chr1\n{chrom}\n>chr2\n{chrom[::-1]}\n")
+    flags = [*QUICK, "--data", str(fasta)]
+    assert cli.main(["dna", "pretrain", *flags, "--out-dir", str(tmp_path / "a")]) == 0
+    bed = tmp_path / "r.bed"
+    bed.write_text("chr1\t0\t1500\ttrain\nchr2\t0\t1500\ttrain\nchr1\t1500\t2000\ttest\n")
+    assert cli.main(["dna", "pretrain", *flags, "--out-dir", str(tmp_path / "b"), "--bed", str(bed),
+                     "--train-split", "train"]) == 0
+    bed.write_text("chr1\t1500\t2500\ttrain\n")
+    assert cli.main(["dna", "pretrain", *flags, "--out-dir", str(tmp_path / "c"), "--bed", str(bed)]) == 1
+    assert "interval chr1:1500-2500 lies outside the chromosome (length 2000)" in capsys.readouterr().err
