@@ -15,8 +15,8 @@ Kernels (both share dt, C and D; `n_ssm` copies of the state matrix and B are sh
   from the normal-plus-low-rank form of HiPPO-LegS. K from its generating function at the L-th roots of
   unity (Cauchy sums + Woodbury identity), with C̃ = C(I − Āᴸ) accounting for the finite length.
 
-The plain references (`kernel_reference`: powers of Ā;
-`causal_conv_reference`: a direct convolution) are the oracles the tests compare the fast paths with.
+The plain reference `kernel_reference` (powers of Ā) is the oracle the tests compare the kernels with;
+the convolution is `ssmkit.core.fftconv.fft_causal_conv` (Hyena's), tested against a direct sum there.
 dt is initialised log-uniformly in [dt_min, dt_max] as in the papers.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-__all__ = ["S4DKernel", "DPLRKernel", "S4Conv", "fft_causal_conv", "causal_conv_reference",
-           "kernel_reference", "hippo_legs_nplr"]
+from ssmkit.core.fftconv import fft_causal_conv
+
+__all__ = ["S4DKernel", "DPLRKernel", "S4Conv", "kernel_reference", "hippo_legs_nplr"]
 
 
 def _ssm_parameter(value: torch.Tensor) -> nn.Parameter:
@@ -219,20 +219,6 @@ def kernel_reference(kernel: S4DKernel | DPLRKernel, length: int) -> torch.Tenso
     return torch.stack(out, -1)
 
 
-def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """y_t = Σ_{s≤t} k_{t−s} u_s for u (..., H, L) and k (H, L), by FFT at length 2L (no wrap-around)."""
-    length = u.shape[-1]
-    n = 2 * length
-    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
-    return y[..., :length]
-
-
-def causal_conv_reference(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The same causal convolution as `fft_causal_conv`, computed directly (conv1d, groups = H)."""
-    length = u.shape[-1]
-    return F.conv1d(F.pad(u, (length - 1, 0)), k.flip(-1)[:, None, :], groups=k.shape[0])
-
-
 class S4Conv(nn.Module):
     """One S4/S4D layer over (batch, H, L): y = K * u + D u (convolution), or the same by recurrence.
 
@@ -256,9 +242,7 @@ class S4Conv(nn.Module):
         if u.ndim != 3 or u.shape[1] != self.kernel.d_model:
             raise ValueError(f"S4Conv expects (batch, {self.kernel.d_model}, length), got {tuple(u.shape)}")
         # the FFT runs in fp32 at least, also under bf16 autocast (bf16 FFTs are inexact and mostly unsupported)
-        work = u if u.dtype == torch.float64 else u.float()
-        k = self.kernel(u.shape[-1]).to(work.dtype)
-        return fft_causal_conv(work, k).to(u.dtype) + self.D[:, None] * u
+        return fft_causal_conv(u, self.kernel(u.shape[-1]), self.D)
 
     def setup_step(self) -> None:
         """Cache what `step` needs from the current parameters (call again after changing the weights):

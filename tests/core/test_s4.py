@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from ssmkit.core.s4 import (DPLRKernel, S4Conv, S4DKernel, causal_conv_reference, fft_causal_conv,
-                            hippo_legs_nplr, kernel_reference)
+from ssmkit.core.s4 import DPLRKernel, S4Conv, S4DKernel, hippo_legs_nplr, kernel_reference
 
 f64 = torch.float64
 
@@ -91,19 +90,6 @@ def test_legs_nplr_diagonalises_the_normal_part_of_hippo_legs():
     # eigenvectors are defined up to a phase each: compare phase-free quantities
     torch.testing.assert_close(vb.abs(), b.abs())
     torch.testing.assert_close(vb * vp.conj(), b * p.conj())
-
-
-def test_fft_conv_equals_direct_conv_forward_and_gradcheck():
-    torch.manual_seed(0)
-    u = torch.randn(2, 3, 13, dtype=f64, requires_grad=True)
-    k = torch.randn(3, 13, dtype=f64, requires_grad=True)
-    torch.testing.assert_close(fft_causal_conv(u, k), causal_conv_reference(u, k))
-    w = torch.randn(2, 3, 13, dtype=f64)
-    ga = torch.autograd.grad((fft_causal_conv(u, k) * w).sum(), (u, k))
-    gb = torch.autograd.grad((causal_conv_reference(u, k) * w).sum(), (u, k))
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b)
-    assert torch.autograd.gradcheck(fft_causal_conv, (u[:1, :2, :6], k[:2, :6]))
 
 
 @pytest.mark.parametrize("kind", ["s4d", "dplr"])
