@@ -26,7 +26,8 @@ from ssmkit.apps.config import ConfigError, add_arguments, build_config, option
 __all__ = ["APPLICATIONS", "DemoConfig", "load_applications", "build_parser", "run_demo", "main"]
 
 # application modules, in demo order; each domain issue appends its own
-APPLICATIONS = ("ssmkit.apps.seqtask", "ssmkit.apps.classify", "ssmkit.apps.video")
+APPLICATIONS = ("ssmkit.apps.seqtask", "ssmkit.apps.classify", "ssmkit.apps.video", "ssmkit.apps.dna",
+                "ssmkit.apps.audio", "ssmkit.apps.mil", "ssmkit.apps.restore")
 
 
 @dataclass

@@ -6,6 +6,7 @@ and with timm (`ssmkit_vim_tiny`, `ssmkit_vig_small`, ...), so `timm.create_mode
 works afterwards.
 """
 from ssmkit.vision import convs5, vig, vim  # noqa: F401  (registers the model configs)
+from ssmkit.vision import mair  # noqa: F401  (registers mair_sr_x2 ... mair_denoise)
 from ssmkit.vision.vig import ViG
 from ssmkit.vision.vim import VisionMamba, load_official_vim, resize_pos_embed_mid_cls
 

@@ -1,0 +1,130 @@
+"""`ssmkit restore`: training through the runner, baselines, test / run commands, bad input, demo."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ssmkit.apps.cli as cli
+from ssmkit.apps.restore import RestoreConfig, RunConfig, _baseline, application, run
+from ssmkit.apps.runner import Runner
+from ssmkit.vision.metrics import psnr
+
+TINY = dict(steps=2, batch_size=2, gt_patch=16, train_size=8, embed_dim=8, depths="1", d_state=2, eval_crop=24,
+            warmup_steps=1, log_every=1, eval_every=0)
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cli, "APPLICATIONS", ("ssmkit.apps.restore",))
+
+
+def _flags(cfg: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A GT folder of two small RGB photos (crops of the embedded images) and an odd-sized LQ file."""
+    from ssmkit.vision.restoration import embedded_images
+
+    root = tmp_path_factory.mktemp("restore_data")
+    train, _ = embedded_images()
+    (root / "gt").mkdir()
+    for name in ("astronaut", "rocket"):
+        arr = (train[name][:, 100:140, 100:136].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(root / "gt" / f"{name}.png")
+    arr = (train["china"][:, :19, :27].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr).save(root / "odd.png")
+    return root
+
+
+def test_a_few_steps_reduce_the_loss(images):
+    cfg = RestoreConfig(**{**TINY, "interp_init": False}, gt_dir=str(images / "gt"), eval_gt_dir=str(images / "gt"))
+    torch.manual_seed(0)
+    model = application.build_model(cfg)
+    train, _ = application.build_datasets(cfg)
+    batch = application.collate([train[i] for i in range(4)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = application.train_loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_train_reports_model_and_bicubic_baseline(tmp_path, images):
+    cfg = RestoreConfig(out_dir=str(tmp_path), **TINY, gt_dir=str(images / "gt"), eval_gt_dir=str(images / "gt"))
+    cfg.validate()
+    result = Runner(application, cfg).train()
+    assert set(result.metrics) == set(application.metrics)
+    # the baseline really is MATLAB bicubic of the LQ, scored on Y with a border of the scale
+    _, eval_set = application.build_datasets(cfg)
+    values = [psnr(_baseline(eval_set[i]["lq"][None], 2), eval_set[i]["gt"][None], 2, True) for i in range(2)]
+    assert result.metrics["baseline_psnr"] == pytest.approx(torch.cat(values).mean().item(), rel=1e-6)
+    assert result.metrics["psnr_gain"] == pytest.approx(result.metrics["psnr"] - result.metrics["baseline_psnr"])
+
+
+def test_denoising_beats_the_noisy_input(tmp_path):
+    cfg = RestoreConfig(out_dir=str(tmp_path), task="denoise", sigma=25, **{**TINY, "steps": 20, "train_size": 160,
+                        "batch_size": 8, "lr": 3e-3, "log_every": 10})
+    cfg.validate()
+    metrics = Runner(application, cfg).train().metrics
+    assert metrics["psnr"] > metrics["baseline_psnr"] + 0.5, metrics
+
+
+def test_cli_train_eval_test_and_run(tmp_path, images, capsys):
+    flags = _flags({**TINY, "gt_dir": images / "gt", "eval_gt_dir": images / "gt", "out_dir": tmp_path})
+    assert cli.main(["restore", "train", *flags]) == 0
+    assert cli.main(["restore", "eval", *flags]) == 0
+    assert cli.main(["restore", "test", *flags, "--tile", "8", "--tile-overlap", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR (Y, crop 2)" in out and "astronaut" in out and "mean" in out
+    result = json.loads((tmp_path / "test" / "results.json").read_text())
+    assert [r["name"] for r in result["images"]] == ["astronaut", "rocket"] and result["baseline"] == "bicubic"
+    assert (tmp_path / "test" / "astronaut.png").is_file()
+    assert cli.main(["restore", "run", *flags, "--input", str(images / "odd.png"), "--tile", "10",
+                     "--tile-overlap", "4"]) == 0
+    with Image.open(tmp_path / "restored" / "odd.png") as im:
+        assert im.size == (54, 38)
+
+
+def test_run_tiled_equals_whole_when_the_tile_covers_the_image(tmp_path, images):
+    cfg = RunConfig(out_dir=str(tmp_path), **TINY, input=str(images / "odd.png"))
+    model = application.build_model(cfg)
+    whole = run(RunConfig(**{**cfg.__dict__, "output": str(tmp_path / "a")}), model=model)[0]
+    tiled = run(RunConfig(**{**cfg.__dict__, "output": str(tmp_path / "b"), "tile": 32}), model=model)[0]
+    assert np.array_equal(np.asarray(Image.open(whole)), np.asarray(Image.open(tiled)))
+
+
+def test_bad_input_gives_clear_errors(tmp_path, images, capsys):
+    (tmp_path / "empty").mkdir()
+    base = _flags({**TINY, "out_dir": tmp_path / "run"})
+    assert cli.main(["restore", "train", *base, "--gt-dir", str(tmp_path / "empty")]) == 1
+    assert "holds no images" in capsys.readouterr().err
+    assert cli.main(["restore", "train", *base, "--gt-dir", str(images / "gt"), "--gt-patch", "64"]) == 1
+    assert "is smaller than the patch 64" in capsys.readouterr().err
+    (tmp_path / "gray").mkdir()
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(tmp_path / "gray" / "flat.png")
+    assert cli.main(["restore", "train", *base, "--gt-dir", str(tmp_path / "gray")]) == 1
+    assert "holds grayscale images" in capsys.readouterr().err
+    assert cli.main(["restore", "train", *base, "--model", "mair_nope"]) == 2
+    assert cli.main(["restore", "train", *base, "--degradation", "sharpen2"]) == 2
+    assert "unknown degradation" in capsys.readouterr().err
+    assert cli.main(["restore", "train", *base, "--gt-patch", "15"]) == 2
+    assert cli.main(["restore", "run", *base, "--input", str(tmp_path / "nothing.png"),
+                     "--weights", str(tmp_path / "none.safetensors")]) == 1
+
+
+def test_demo_smoke_section_renders(tmp_path, capsys):
+    assert cli.main(["demo", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    assert "restore: PSNR (Y, crop 2)" in capsys.readouterr().out
+    page = (tmp_path / "index.html").read_text()
+    assert "Image super-resolution x2 with MaIR" in page and "restore/comparison.png" in page
+    assert (tmp_path / "restore" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
