@@ -139,7 +139,8 @@ class EmbedConfig(DnaConfig):
     """`ssmkit dna embed`: features of every record of a FASTA file."""
 
     input: str = option("", "FASTA file of sequences to embed (each at most l_max bases)")
-    output: str = option("", "output .npy file, records x d_model (empty: out_dir/embeddings.npy)")
+    output: str = option("", "output file, records x d_model: .npy, or .h5 with the record names beside "
+                             "(datasets `embeddings`, `names`) (empty: out_dir/embeddings.npy)")
     weights: str = option("", "weights to use (empty: the --init checkpoint when given, else "
                               "out_dir/best.safetensors, else out_dir/model.safetensors)")
 
@@ -286,7 +287,7 @@ class DnaApp(Application):
                                 "accuracy, MCC, F1", DnaConfig, self.finetune),
             Command("eval", "evaluate a fine-tuned run on its test data", eval_config(DnaConfig),
                     lambda cfg: Runner(self, cfg).evaluate(cfg.weights)),
-            Command("embed", "pooled features of every FASTA record to .npy", EmbedConfig, embed),
+            Command("embed", "pooled features of every FASTA record to .npy or .h5", EmbedConfig, embed),
             Command("predict", "class of every FASTA record from a fine-tuned run (TSV)", PredictConfig, predict),
         ]
 
@@ -378,21 +379,37 @@ def _records(cfg: EmbedConfig, l_max: int) -> list[tuple[str, str]]:
 
 
 def embed(cfg: EmbedConfig, model: nn.Module | None = None) -> Path:
-    """Write the pooled features of every record of --input to a .npy file (one record at a time, so
-    only one sequence's activations are in memory)."""
+    """Write the pooled features of every record of --input to a .npy or .h5 file (one record at a time,
+    so only one sequence's activations are in memory)."""
     if model is None:
         classes = _classes(cfg, required=False)
         model = _trained_model(cfg, len(classes) if classes else 0)
     backbone = model.backbone
     pooling = getattr(model, "pooling", cfg.pooling)
     tok = _tokenizer(cfg)
-    rows = []
-    with torch.no_grad():
-        for _, seq in _records(cfg, backbone.config.l_max):
-            rows.append(pool(backbone(tok.encode(seq)[None]), None, pooling)[0].float().numpy())
     output = Path(cfg.output or Path(cfg.out_dir or "runs/dna") / "embeddings.npy")
+    if output.suffix not in (".npy", ".h5"):
+        raise RunError(f"--output {output}: the embeddings are written as .npy or .h5, not {output.suffix!r}")
+    names, rows = [], []
+    with torch.no_grad():
+        for name, seq in _records(cfg, backbone.config.l_max):
+            names.append(name)
+            rows.append(pool(backbone(tok.encode(seq)[None]), None, pooling)[0].float().numpy())
     output.parent.mkdir(parents=True, exist_ok=True)
-    np.save(output, np.stack(rows))
+
+    def write(tmp: Path) -> None:
+        if output.suffix == ".h5":
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("embeddings", data=np.stack(rows))
+                f.create_dataset("names", data=np.array(names, dtype=h5py.string_dtype()))
+                f.attrs["pooling"] = pooling
+        else:
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+                np.save(f, np.stack(rows))
+
+    atomic_write(output, write)
     print(f"dna embed: {len(rows)} records x {rows[0].shape[0]} features ({pooling} pooling) -> {output}")
     return output
 

@@ -1,6 +1,7 @@
 """`ssmkit dna`: pretrain, finetune (scratch / ssmkit run / official checkpoint), eval, embed, predict, demo."""
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -52,6 +53,13 @@ def test_embed_and_predict_a_fasta_file(runs, tmp_path, capsys):
     assert cli.main(["dna", "embed", *SIZE, "--out-dir", str(ft), "--input", str(fasta), "--output", str(out)]) == 0
     emb = np.load(out)
     assert emb.shape == (2, 16) and np.isfinite(emb).all()
+    assert cli.main(["dna", "embed", *SIZE, "--out-dir", str(ft), "--input", str(fasta),
+                     "--output", str(tmp_path / "e.h5")]) == 0
+    with h5py.File(tmp_path / "e.h5") as f:
+        assert np.array_equal(f["embeddings"][:], emb) and [n.decode() for n in f["names"][:]] == ["a", "b"]
+    assert cli.main(["dna", "embed", *SIZE, "--out-dir", str(ft), "--input", str(fasta),
+                     "--output", str(tmp_path / "e.csv")]) == 1
+    assert "written as .npy or .h5" in capsys.readouterr().err
     assert cli.main(["dna", "predict", *SIZE, "--out-dir", str(ft), "--input", str(fasta)]) == 0
     lines = (ft / "predictions.tsv").read_text().splitlines()
     assert lines[0] == "record\tclass\tprobability" and lines[1].split("\t")[0] == "a" and len(lines) == 3
