@@ -22,10 +22,14 @@ __all__ = ["EMBEDDED_SLIDE", "open_slide", "slide_mpp", "thumbnail", "tissue_mas
 
 EMBEDDED_SLIDE = Path(__file__).parent / "data" / "cmu_small_region.svs"
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+# a single-level image larger than this (pixels per side) is refused: its thumbnail and tissue mask would
+# decode the whole level-0 image (a 100k x 100k slide is 30 GB of RGB)
+MAX_FLAT_SIDE = 16384
 
 
-def open_slide(path: str | Path):
-    """A `tiffslide.TiffSlide`, or ValueError / FileNotFoundError naming the file and the problem."""
+def open_slide(path: str | Path, max_flat_side: int = MAX_FLAT_SIDE):
+    """A `tiffslide.TiffSlide`, or ValueError / FileNotFoundError naming the file and the problem (missing,
+    corrupt, or a single-level image wider or taller than `max_flat_side`: not pyramidal)."""
     import tiffslide
 
     path = Path(path)
@@ -37,6 +41,11 @@ def open_slide(path: str | Path):
     except Exception as e:
         raise ValueError(f"{path} is not a readable slide (corrupt, or not a tiled TIFF/SVS): "
                          f"{type(e).__name__}: {e}") from None
+    if slide.level_count == 1 and max(slide.dimensions) > max_flat_side:
+        w, h = slide.dimensions
+        raise ValueError(f"{path} is not pyramidal: one level of {w}x{h} pixels (more than {max_flat_side} per "
+                         "side would be decoded whole); convert it to a tiled pyramid first, e.g. "
+                         "`vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`")
     return slide
 
 

@@ -72,6 +72,8 @@ def test_bad_slides_are_named(tmp_path):
     with pytest.raises(ValueError, match="no microns-per-pixel metadata"):
         tile_slide(open_slide(tmp_path / "nompp.tif"), slide_path=tmp_path / "nompp.tif")
     assert len(tile_slide(open_slide(tmp_path / "nompp.tif"), 128, 0.5, mpp_override=0.5).coords) == 12
+    with pytest.raises(ValueError, match=r"nompp.tif is not pyramidal: one level of \d+x\d+ pixels"):
+        open_slide(tmp_path / "nompp.tif", max_flat_side=100)
 
 
 def test_embedded_slide_tiles():
