@@ -79,6 +79,15 @@ def test_denoising_beats_the_noisy_input(tmp_path):
     assert metrics["psnr"] > metrics["baseline_psnr"] + 0.5, metrics
 
 
+def test_super_resolution_beats_bicubic(tmp_path):
+    """x2 SR with the default small model on the embedded photographs: 150 steps pass MATLAB bicubic on the
+    held-out images (+0.6 dB with seed 0; ~10 s on an idle 2-core CPU)."""
+    cfg = RestoreConfig(out_dir=str(tmp_path), task="sr", scale=2, eval_every=0)
+    cfg.validate()
+    metrics = Runner(application, cfg).train().metrics
+    assert metrics["psnr"] > metrics["baseline_psnr"] + 0.2, metrics
+
+
 def test_cli_train_eval_test_and_run(tmp_path, images, capsys):
     flags = _flags({**TINY, "gt_dir": images / "gt", "eval_gt_dir": images / "gt", "out_dir": tmp_path})
     assert cli.main(["restore", "train", *flags]) == 0
