@@ -5,6 +5,12 @@ one new sample costs the same at any position. `naive_generate` recomputes the w
 convolution-mode forward for every new sample (O(L log L) each); it exists to check `generate` and to
 measure the speed-up. Both draw their random numbers in the same order from one seeded generator, so
 on the same model and seed they return the same tokens.
+
+The recurrent path does not call `SashimiLM.step` (the reference, tested equal to `forward`): `Stepper`
+precomputes once what does not depend on the input (each S4 layer's Ā = diag(d) − u vᵀ, B̄ and C folded
+into two small real matrices per channel, so a layer step is two batched matmuls and a few pointwise ops
+in real arithmetic) and runs each resolution's stage as one function, which `compile=True` hands to
+torch.compile (inductor's C++ backend), one graph per stage and batch size.
 """
 from __future__ import annotations
 
@@ -12,11 +18,14 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ssmkit.audio.data import MU_LAW_ZERO
-from ssmkit.audio.sashimi import SashimiLM
+from ssmkit.audio.sashimi import S4Block, SashimiLM
+from ssmkit.core.s4 import S4Conv, _complex
 
-__all__ = ["Generation", "sample_next", "generate", "naive_generate"]
+__all__ = ["Generation", "Stepper", "sample_next", "generate", "naive_generate"]
 
 
 @dataclass
@@ -62,14 +71,130 @@ def _check(model: SashimiLM, batch: int, length: int, prime: torch.Tensor | None
     return prime.to(device=device, dtype=torch.long)
 
 
-@torch.no_grad()
+class _S4Recurrence(nn.Module):
+    """One S4 layer's step in real arithmetic on a state (H, batch, N) = [Re x | Im x] of the N/2 complex
+    modes: r = state @ read gives vᵀx (re, im) and the output's state term 2·Re(C Ā x); the new state is
+    d ⊙ x (as a 2x2 rotation-scaling per mode) + [vᵀx, u_t] @ write (the −u vᵀx and B̄ u_t terms); the
+    output adds (2·Re(C B̄) + D) u_t. Built in float64 from `recurrence()`, stored in the layer's dtype."""
+
+    def __init__(self, layer: S4Conv):
+        super().__init__()
+        with torch.no_grad():
+            kernel = layer.kernel
+            d, u, v, b = (None if t is None else t.detach().to(torch.complex128) for t in kernel.recurrence())
+            c = _complex(kernel.C).detach().to(torch.complex128)
+            rows = lambda z: torch.cat([z.real, z.imag], -1)  # noqa: E731  (H, n) complex -> (H, 2n) real
+            out = 2 * (c * d)  # 2·Re(Σ C d x) reads Re x with 2·Re(C d) and Im x with −2·Im(C d)
+            read, write = [], [rows(b)]
+            if u is not None:  # w = vᵀx: Re w = Re v·Re x − Im v·Im x, Im w = Im v·Re x + Re v·Im x
+                w_re, w_im = rows(v.conj()), rows(1j * v.conj())
+                gamma = 2 * (c * u).sum(-1, keepdim=True)  # output term −2·Re(Σ C u · w)
+                read = [w_re, w_im]
+                out_read = rows(out.conj()) - gamma.real * w_re + gamma.imag * w_im
+                write = [rows(-u), rows(-1j * u), rows(b)]
+            else:
+                out_read = rows(out.conj())
+            dtype = layer.D.dtype
+            self.register_buffer("read", torch.stack([*read, out_read], -1).to(dtype))  # (H, 2n, 2r + 1)
+            self.register_buffer("write", torch.stack(write, 1).to(dtype))  # (H, 2r + 1, 2n)
+            self.register_buffer("same", torch.cat([d.real, d.real], -1)[:, None].to(dtype))  # (H, 1, 2n)
+            self.register_buffer("swap", torch.cat([-d.imag, d.imag], -1)[:, None].to(dtype))
+            self.register_buffer("direct", (2 * (c * b).sum(-1).real + layer.D.detach().double()).to(dtype))
+        self.half = d.shape[-1]
+
+    def default_state(self, batch: int) -> torch.Tensor:
+        return self.read.new_zeros(self.read.shape[0], batch, self.read.shape[1])
+
+    def forward(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u (batch, H), state (H, batch, N) -> y (batch, H), new state."""
+        ut = u.t().unsqueeze(-1)
+        r = torch.bmm(state, self.read)
+        y = r[..., -1] + self.direct[:, None] * ut[..., 0]
+        state = state * self.same + state.roll(self.half, -1) * self.swap + torch.bmm(torch.cat([r[..., :-1], ut], -1),
+                                                                                       self.write)
+        return y.t(), state
+
+
+class _StageStep(nn.Module):
+    """One resolution's stack of [S4, feed-forward] residual pairs for one step: x (+ skip) -> stage(x) + x,
+    then the final norm and head for the full-resolution stage (logits). Shares the model's modules."""
+
+    def __init__(self, layers: nn.ModuleList, final: nn.Module | None = None):
+        super().__init__()
+        self.layers = layers
+        self.s4 = nn.ModuleList(_S4Recurrence(r.layer.s4) for r in layers if isinstance(r.layer, S4Block))
+        self.final = final
+
+    def default_state(self, batch: int) -> list[torch.Tensor]:
+        return [s4.default_state(batch) for s4 in self.s4]
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, states: list[torch.Tensor]):
+        if skip is not None:
+            x = x + skip
+        stage_input, new_states = x, []
+        for residual in self.layers:
+            z = residual.norm(x)
+            if isinstance(residual.layer, S4Block):
+                y, state = self.s4[len(new_states)](z, states[len(new_states)])
+                new_states.append(state)
+                x = x + residual.layer._head(y)
+            else:
+                x = x + residual.layer.net(z)
+        x = x + stage_input
+        return (x if self.final is None else self.final(x)), new_states
+
+
+class Stepper:
+    """Fast O(1)-per-sample generation state of a `SashimiLM` (eval mode, weights fixed): call it with the
+    tokens (batch,) of one step to get that step's logits (batch, n_classes). Level l of the U-Net runs
+    every prod(pool[:l]) steps: its down-pool buffers `pool` inputs, its up-pool replays a queue of `pool`
+    outputs delayed by one coarse step, exactly as `Sashimi.step`. Build cost: one pass over the weights,
+    plus one torch.compile per stage and batch size when `compile` is set."""
+
+    def __init__(self, model: SashimiLM, batch: int, compile: bool = False):
+        backbone = model.backbone
+        self.model, self.batch, self.pools = model, batch, backbone.cfg.pool
+        n = len(self.pools)
+        final = nn.Sequential(backbone.norm, model.head)
+        # level l: stage up_stages[n-1-l] (level 0 ends with norm + head); level n: the centre
+        stages = [_StageStep(backbone.up_stages[n - 1 - level], final if level == 0 else None) for level in range(n)]
+        stages.append(_StageStep(backbone.center))
+        self.states = [stage.default_state(batch) for stage in stages]
+        self.stages = [torch.compile(stage, dynamic=False, fullgraph=True) if compile else stage for stage in stages]
+        self.down = list(backbone.down)
+        self.up = [backbone.up[n - 1 - level] for level in range(n)]
+        self.buffers = [[] for _ in range(n)]
+        self.queues = [up.default_state(batch)[0] for up in self.up]
+        self.time = [0] * n
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._advance(0, self.model.embedding(tokens))
+
+    def _advance(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """One step of `level` with input x: its output (the logits at level 0)."""
+        if level == len(self.pools):
+            y, self.states[level] = self.stages[level](x, None, self.states[level])
+            return y
+        pool, position = self.pools[level], self.time[level] % self.pools[level]
+        self.time[level] += 1
+        out = self.queues[level][:, position]
+        self.buffers[level].append(x)
+        if len(self.buffers[level]) == pool:
+            coarse = self._advance(level + 1, self.down[level].linear(torch.cat(self.buffers[level], -1)))
+            self.buffers[level] = []
+            self.queues[level] = self.up[level].linear(coarse).view(self.batch, pool, -1)
+        y, self.states[level] = self.stages[level](out, x, self.states[level])
+        return y
+
+
 def generate(model: SashimiLM, batch: int, length: int, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int = 0, prime: torch.Tensor | None = None) -> Generation:
+             seed: int = 0, prime: torch.Tensor | None = None, compile: bool = False) -> Generation:
     """`batch` sequences of `length` tokens, the first ones copied from `prime` (tokens (P,) or
-    (batch, P)), the rest sampled one at a time through the recurrent step."""
+    (batch, P)), the rest sampled one at a time through the recurrence (`Stepper`; `compile`: its stages
+    compiled by torch.compile first, which pays off for long or many clips)."""
     prime = _check(model, batch, length, prime)
-    with _few_threads(prime.device, batch * model.cfg.d_model):
-        return _generate(model, batch, length, temperature, top_p, seed, prime)
+    with _few_threads(prime.device, batch * model.cfg.d_model), torch.no_grad():
+        return _generate(model, batch, length, temperature, top_p, seed, prime, compile)
 
 
 @contextlib.contextmanager
@@ -85,18 +210,17 @@ def _few_threads(device: torch.device, width: int):
         torch.set_num_threads(previous)
 
 
-def _generate(model, batch, length, temperature, top_p, seed, prime) -> Generation:
+def _generate(model, batch, length, temperature, top_p, seed, prime, compile) -> Generation:
     generator = torch.Generator().manual_seed(seed)
     model.eval()
-    model.setup_step()
-    state = model.default_state(batch)
+    step = Stepper(model, batch, compile)
     device = prime.device
     tokens = torch.empty(batch, length, dtype=torch.long, device=device)
     tokens[:, :prime.shape[1]] = prime
     log_likelihood = torch.zeros(batch, dtype=torch.float64, device=device)
     current = torch.full((batch,), MU_LAW_ZERO, dtype=torch.long, device=device)
     for t in range(length):
-        logits, state = model.step(current, state)
+        logits = step(current)
         if t >= prime.shape[1]:
             tokens[:, t] = sample_next(logits, temperature, top_p, generator)
             log_likelihood += torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, t:t + 1]).squeeze(-1)

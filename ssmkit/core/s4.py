@@ -111,6 +111,11 @@ class S4DKernel(_KernelBase):
             dB = dt / (1 - dt * lam / 2) * b
         return dA, dB, _complex(self.C)
 
+    def recurrence(self) -> tuple[torch.Tensor, None, None, torch.Tensor]:
+        """(d, u, v, B̄) of Ā = diag(d) − u vᵀ with no low-rank term (u = v = None): S4D's Ā is diagonal."""
+        dA, dB, _ = self.discrete()
+        return dA, None, None, dB
+
     def forward(self, length: int) -> torch.Tensor:
         """The kernel K (H, length): K_l = 2·Re Σ_n C_n B̄_n Ā_nˡ, a Vandermonde product. With l = a·c + b
         (c ≈ √L) Ā_nˡ = Ā_n^(a·c) Ā_n^b, so K is a batched matrix product of two small Vandermonde
@@ -179,6 +184,15 @@ class DPLRKernel(_KernelBase):
         e_inv = 1 / (1 - half * lam)
         denom = 1 + (half * p.conj() * e_inv * p).sum(-1, keepdim=True)
         return lam, p, half, e_inv, half * e_inv * p, denom, dt * self._expand(_complex(self.B))
+
+    def recurrence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(d, u, v, B̄), each (H, N/2), with Ā = diag(d) − u vᵀ: the bilinear Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A)
+        equals 2M⁻¹ − I with M = I − Δ/2·A = E + Δ/2·P Pᴴ, and Woodbury makes M⁻¹ diagonal plus rank one.
+        A fixed-size form of the step (no data-dependent division) that generation folds into real matrices."""
+        lam, p, half, e_inv, q, denom, dtB = self.step_factors()
+        v = p.conj() * e_inv
+        dB = e_inv * dtB - q * (v * dtB).sum(-1, keepdim=True) / denom
+        return 2 * e_inv - 1, 2 * q / denom, v, dB
 
     def forward(self, length: int) -> torch.Tensor:
         """The kernel K (H, length) from its generating function at the length-th roots of unity ω:

@@ -28,7 +28,9 @@ __all__ = ["compile_only", "Compiled", "compile_default_plans"]
 
 @dataclass
 class Compiled:
-    """One compiled launch: kernel name, its specialisation and the resources ptxas reports."""
+    """One compiled launch: kernel name, its specialisation, the resources ptxas reports and static
+    counts of the PTX instructions that bound the scans (warp shuffles, exp2 on the MUFU, atomics);
+    loops that are not unrolled count once."""
     name: str
     constexprs: dict
     num_warps: int
@@ -37,6 +39,9 @@ class Compiled:
     spill_loads: int
     shared_bytes: int
     local_bytes: int
+    shuffles: int
+    exp2: int
+    atomics: int
 
 
 class _TargetOnlyDriver:
@@ -77,7 +82,8 @@ def _resources(ptx: str, capability: int, arch: str) -> dict:
 
     return dict(registers=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
                 spill_loads=grab(r"(\d+) bytes spill loads"), shared_bytes=grab(r"(\d+) bytes smem"),
-                local_bytes=grab(r"(\d+) bytes stack frame"))
+                local_bytes=grab(r"(\d+) bytes stack frame"), shuffles=len(re.findall(r"\bshfl\.sync", ptx)),
+                exp2=len(re.findall(r"\bex2\.approx", ptx)), atomics=len(re.findall(r"\b(?:atom|red)\.", ptx)))
 
 
 @contextlib.contextmanager
@@ -212,13 +218,13 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write the table as JSON to this path")
     args = ap.parse_args(argv)
     rows = []
-    print("| arch | case | kernel | warps | registers | spill bytes (st/ld) | shared bytes |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| arch | case | kernel | warps | registers | spill bytes (st/ld) | shared bytes | shfl | ex2 | atomics |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for cap in args.arch or [90]:
         for label, rec in compile_default_plans(cap):
             rows.append(dict(arch=cap, case=label, **rec.__dict__))
             print(f"| sm_{cap} | {label} | {rec.name} | {rec.num_warps} | {rec.registers} | "
-                  f"{rec.spill_stores}/{rec.spill_loads} | {rec.shared_bytes} |")
+                  f"{rec.spill_stores}/{rec.spill_loads} | {rec.shared_bytes} | {rec.shuffles} | {rec.exp2} | {rec.atomics} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)

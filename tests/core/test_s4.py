@@ -164,3 +164,14 @@ def test_bad_arguments_are_named():
         S4Conv(2, 4, kernel="dss")
     with pytest.raises(ValueError, match=r"expects \(batch, 2, length\)"):
         S4Conv(2, 4)(torch.randn(1, 3, 8))
+
+
+@pytest.mark.parametrize("kind,kw", CASES)
+def test_recurrence_form_equals_the_discrete_system(kind, kw):
+    """Ā = diag(d) − u vᵀ and B̄ from `recurrence` are the dense Ā, B̄ of `discrete`."""
+    k = _kernel(kind, **kw)
+    d, u, v, dB = k.recurrence()
+    dA, dB_ref, _ = k.discrete()
+    dense = torch.diag_embed(d) if u is None else torch.diag_embed(d) - u[:, :, None] * v[:, None, :]
+    torch.testing.assert_close(dense, dA if dA.ndim == 3 else torch.diag_embed(dA), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dB, dB_ref, rtol=1e-12, atol=1e-12)
