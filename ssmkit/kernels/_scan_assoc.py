@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmkit.kernels._common import _combine, _dt, _softplus, _softplus_grad  # noqa: F401
+from ssmkit.kernels._common import _channel_block, _grad_row, _combine, _dt, _softplus, _softplus_grad  # noqa: F401
 
 @triton.jit
 def _rev_scan(a, b, REV_FLIP: tl.constexpr):
@@ -55,18 +55,9 @@ def _scan_fwd_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     LOG2E: tl.constexpr = 1.4426950408889634
 
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = d < dim
-    n = tl.arange(0, NP)
-    nmask = n < N
+    d, dmask, n, nmask, dn_mask, A, bias = _channel_block(A_ptr, bias_ptr, s_Ad, s_An, dim, N, BLOCK_D, NP, HAS_BIAS)
+    A2 = A * LOG2E
     offs = tl.arange(0, T)
-    dn_mask = dmask[:, None] & nmask[None, :]
-
-    A2 = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     d0 = pid_d * BLOCK_D
@@ -173,37 +164,21 @@ def _scan_bwd_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     LOG2E: tl.constexpr = 1.4426950408889634
 
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = d < dim
-    n = tl.arange(0, NP)
-    nmask = n < N
-    offs = tl.arange(0, T)
-    dn_mask = dmask[:, None] & nmask[None, :]
-
-    A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32)
+    d, dmask, n, nmask, dn_mask, A, bias = _channel_block(A_ptr, bias_ptr, s_Ad, s_An, dim, N, BLOCK_D, NP, HAS_BIAS)
     A2 = A * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    offs = tl.arange(0, T)
     if HAS_D:
         Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     d0 = pid_d * BLOCK_D
     if B_VAR:
         B_base = B_ptr + pid_b * s_Bb + (d0 // dpg_B) * s_Bg
-        if ATOMIC:
-            gB_base = dB_ptr + pid_b * s_gBb + (d0 // dpg_B) * s_gBg
-        else:
-            gB_base = dB_ptr + pid_b * s_gBb + pid_d * s_gBg
+        gB_base = _grad_row(dB_ptr, pid_b, pid_d, d0, dpg_B, s_gBb, s_gBg, ATOMIC)
     else:
         Bc = tl.load(B_ptr + d[:, None] * s_Bg + n[None, :] * s_Bn, mask=dn_mask, other=0.0).to(tl.float32)
         dB_acc = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
     if C_VAR:
         C_base = C_ptr + pid_b * s_Cb + (d0 // dpg_C) * s_Cg
-        if ATOMIC:
-            gC_base = dC_ptr + pid_b * s_gCb + (d0 // dpg_C) * s_gCg
-        else:
-            gC_base = dC_ptr + pid_b * s_gCb + pid_d * s_gCg
+        gC_base = _grad_row(dC_ptr, pid_b, pid_d, d0, dpg_C, s_gCb, s_gCg, ATOMIC)
     else:
         Cc = tl.load(C_ptr + d[:, None] * s_Cg + n[None, :] * s_Cn, mask=dn_mask, other=0.0).to(tl.float32)
         dC_acc = tl.zeros([BLOCK_D, NP], dtype=tl.float32)

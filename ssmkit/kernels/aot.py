@@ -224,7 +224,8 @@ def main(argv=None) -> None:
         for label, rec in compile_default_plans(cap):
             rows.append(dict(arch=cap, case=label, **rec.__dict__))
             print(f"| sm_{cap} | {label} | {rec.name} | {rec.num_warps} | {rec.registers} | "
-                  f"{rec.spill_stores}/{rec.spill_loads} | {rec.shared_bytes} | {rec.shuffles} | {rec.exp2} | {rec.atomics} |")
+                  f"{rec.spill_stores}/{rec.spill_loads} | {rec.shared_bytes} | {rec.shuffles} | {rec.exp2} | "
+                  f"{rec.atomics} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)

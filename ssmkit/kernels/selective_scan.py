@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ssmkit.kernels import deterministic, interpreting
-from ssmkit.kernels._common import _dt, _softplus, _softplus_grad
+from ssmkit.kernels._common import _channel_block, _grad_row, _dt, _softplus, _softplus_grad
 from ssmkit.kernels._scan_assoc import assoc_bwd, assoc_fwd
 
 __all__ = [
@@ -177,6 +177,24 @@ def _keep_tile(seq_ptr, row, p, pm, dmask, L, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _chunk_inputs(c, n_chunks, offs, dmask, u_rows, dl_rows, bias, L, T: tl.constexpr, SOFTPLUS: tl.constexpr,
+                  REVERSE: tl.constexpr):
+    """Chunk c in scan order: its tile index m in memory, positions p, masks, and the fp32 (BD, T) tiles
+    U, DL (delta as given), DT (through bias and softplus, 0 outside) and DT*U."""
+    if REVERSE:
+        m = n_chunks - 1 - c
+    else:
+        m = c
+    p = m * T + offs
+    pm = p < L
+    m2 = dmask[:, None] & pm[None, :]
+    U = tl.load(u_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
+    DL = tl.load(dl_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
+    DT = _dt(DL, bias[:, None], m2, SOFTPLUS)
+    return m, p, pm, m2, U, DL, DT, DT * U
+
+
+@triton.jit
 def _seq_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
     out_ptr, last_ptr, st_ptr, loc_ptr, dec_ptr, ent_ptr,
@@ -201,18 +219,9 @@ def _seq_fwd_kernel(
     pid_p = tl.program_id(2)
     LOG2E: tl.constexpr = 1.4426950408889634
 
-    d = pid_d * BD + tl.arange(0, BD)
-    dmask = d < dim
-    n = tl.arange(0, NP)
-    nmask = n < N
+    d, dmask, n, nmask, dn_mask, A, bias = _channel_block(A_ptr, bias_ptr, s_Ad, s_An, dim, N, BD, NP, HAS_BIAS)
+    A2 = A * LOG2E
     offs = tl.arange(0, T)
-    dn_mask = dmask[:, None] & nmask[None, :]
-
-    A2 = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     d0 = pid_d * BD
@@ -252,17 +261,8 @@ def _seq_fwd_kernel(
         if not LOCAL:
             if c % K == 0:
                 tl.store(st_rows + (c // K) * N, h, mask=dn_mask)
-        if REVERSE:
-            m = n_chunks - 1 - c
-        else:
-            m = c
-        p = m * T + offs
-        pm = p < L
-        m2 = dmask[:, None] & pm[None, :]
-        U = tl.load(u_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
-        DL = tl.load(dl_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
-        DT = _dt(DL, bias[:, None], m2, SOFTPLUS)
-        DTU = DT * U
+        m, p, pm, m2, U, DL, DT, DTU = _chunk_inputs(c, n_chunks, offs, dmask, u_rows, dl_rows, bias, L, T,
+                                                     SOFTPLUS, REVERSE)
         if HAS_SEQ:
             KEEP = _keep_tile(seq_ptr, q_row, p, pm, dmask, L, REVERSE)
         if LOCAL:
@@ -334,38 +334,22 @@ def _seq_bwd_kernel(
     pb = pid_p * nb + pid_b  # (part, batch) index of the partial sums
     LOG2E: tl.constexpr = 1.4426950408889634
 
-    d = pid_d * BD + tl.arange(0, BD)
-    dmask = d < dim
-    n = tl.arange(0, NP)
-    nmask = n < N
-    offs = tl.arange(0, T)
-    dn_mask = dmask[:, None] & nmask[None, :]
-
-    A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32)
+    d, dmask, n, nmask, dn_mask, A, bias = _channel_block(A_ptr, bias_ptr, s_Ad, s_An, dim, N, BD, NP, HAS_BIAS)
     A2 = A * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BD], dtype=tl.float32)
+    offs = tl.arange(0, T)
     if HAS_D:
         Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     d0 = pid_d * BD
     # gradient rows of B/C are (batch, G or channel blocks, L, N) fp32, contiguous along N
     if B_VAR:
         B_row = B_ptr + pid_b * s_Bb + (d0 // dpg_B) * s_Bg
-        if ATOMIC:
-            gB_row = dB_ptr + pid_b * s_gBb + (d0 // dpg_B) * s_gBg
-        else:
-            gB_row = dB_ptr + pid_b * s_gBb + pid_d * s_gBg
+        gB_row = _grad_row(dB_ptr, pid_b, pid_d, d0, dpg_B, s_gBb, s_gBg, ATOMIC)
     else:
         Bc = tl.load(B_ptr + d[:, None] * s_Bg + n[None, :] * s_Bn, mask=dn_mask, other=0.0).to(tl.float32)
         dB_acc = tl.zeros([BD, NP], dtype=tl.float32)
     if C_VAR:
         C_row = C_ptr + pid_b * s_Cb + (d0 // dpg_C) * s_Cg
-        if ATOMIC:
-            gC_row = dC_ptr + pid_b * s_gCb + (d0 // dpg_C) * s_gCg
-        else:
-            gC_row = dC_ptr + pid_b * s_gCb + pid_d * s_gCg
+        gC_row = _grad_row(dC_ptr, pid_b, pid_d, d0, dpg_C, s_gCb, s_gCg, ATOMIC)
     else:
         Cc = tl.load(C_ptr + d[:, None] * s_Cg + n[None, :] * s_Cn, mask=dn_mask, other=0.0).to(tl.float32)
         dC_acc = tl.zeros([BD, NP], dtype=tl.float32)
@@ -400,17 +384,8 @@ def _seq_bwd_kernel(
         for k in range(K):
             tl.store(scr_rows + k * NP, h, mask=dfull)
             c = s * K + k
-            if REVERSE:
-                m = n_chunks - 1 - c
-            else:
-                m = c
-            p = m * T + offs
-            pm = p < L
-            m2 = dmask[:, None] & pm[None, :]
-            U = tl.load(u_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
-            DL = tl.load(dl_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
-            DT = _dt(DL, bias[:, None], m2, SOFTPLUS)
-            DTU = DT * U
+            m, p, pm, m2, U, DL, DT, DTU = _chunk_inputs(c, n_chunks, offs, dmask, u_rows, dl_rows, bias, L, T,
+                                                         SOFTPLUS, REVERSE)
             if HAS_SEQ:
                 KEEP = _keep_tile(seq_ptr, q_row, p, pm, dmask, L, REVERSE)
             for j in tl.static_range(T):
@@ -431,17 +406,8 @@ def _seq_bwd_kernel(
             k = K - 1 - ki
             h = tl.load(scr_rows + k * NP, mask=dfull, other=0.0)
             c = s * K + k
-            if REVERSE:
-                m = n_chunks - 1 - c
-            else:
-                m = c
-            p = m * T + offs
-            pm = p < L
-            m2 = dmask[:, None] & pm[None, :]
-            U = tl.load(u_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
-            DL = tl.load(dl_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
-            DT = _dt(DL, bias[:, None], m2, SOFTPLUS)
-            DTU = DT * U
+            m, p, pm, m2, U, DL, DT, DTU = _chunk_inputs(c, n_chunks, offs, dmask, u_rows, dl_rows, bias, L, T,
+                                                         SOFTPLUS, REVERSE)
             DO = tl.load(do_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
             if HAS_Z:
                 Z = tl.load(z_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -564,17 +530,9 @@ def _seq_bwd_local_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     pid_p = tl.program_id(2) + 1
     LOG2E: tl.constexpr = 1.4426950408889634
-    d = pid_d * BD + tl.arange(0, BD)
-    dmask = d < dim
-    n = tl.arange(0, NP)
-    nmask = n < N
+    d, dmask, n, nmask, dn_mask, A, bias = _channel_block(A_ptr, bias_ptr, s_Ad, s_An, dim, N, BD, NP, HAS_BIAS)
+    A2 = A * LOG2E
     offs = tl.arange(0, T)
-    dn_mask = dmask[:, None] & nmask[None, :]
-    A2 = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BD], dtype=tl.float32)
     if C_VAR:
         C_row = C_ptr + pid_b * s_Cb + ((pid_d * BD) // dpg_C) * s_Cg
     else:
