@@ -365,7 +365,6 @@ def test_bad_input_names_the_shape():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_forward_step_and_gradients_match_cpu():
     """On CUDA the mixer runs the Triton scan (forward) and the Triton decode step (step): both agree
     with the CPU chunked path, and the gradients of forward agree too."""

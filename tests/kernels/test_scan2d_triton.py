@@ -20,8 +20,6 @@ if not triton_available(DEV):
     pytest.skip("triton kernels unavailable here (no CUDA device and TRITON_INTERPRET unset)",
                 allow_module_level=True)
 
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-
 
 def make_inputs(batch, dim, H, W, N, groups, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +66,7 @@ def test_saves_no_full_state_for_backward():
         assert (max(sizes) >= full) == expect_full, (backend, max(sizes), full)
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_issue_size(dtype):
     ins = {k: v.detach().to(dtype if k in ("u", "delta", "B", "C") else torch.float32).requires_grad_()
