@@ -7,8 +7,6 @@ With a GPU the same tests run compiled kernels, and the `gpu`-marked tests add r
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
