@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmkit.kernels._common import _channel_block, _grad_row, _combine, _dt, _softplus, _softplus_grad  # noqa: F401
+from ssmkit.kernels._common import _channel_block, _combine, _dt, _grad_row, _softplus_grad
 
 @triton.jit
 def _rev_scan(a, b, REV_FLIP: tl.constexpr):

@@ -32,7 +32,6 @@ Design (the "seq" kernels, the default)
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
