@@ -1,31 +1,31 @@
 """Autoregressive sampling from a `SashimiLM`: O(1) recurrent generation and the naive baseline.
 
-`generate` converts the model to its recurrence (`setup_step`) and feeds each sampled token back, so
-one new sample costs the same at any position. `naive_generate` recomputes the whole prefix with the
+`generate` runs the model as a recurrence and feeds each sampled token back, so one new sample costs
+the same at any position. `naive_generate` recomputes the whole prefix with the
 convolution-mode forward for every new sample (O(L log L) each); it exists to check `generate` and to
 measure the speed-up. Both draw their random numbers in the same order from one seeded generator, so
 on the same model and seed they return the same tokens.
 
 The recurrent path does not call `SashimiLM.step` (the reference, tested equal to `forward`): `Stepper`
 precomputes once what does not depend on the input (each S4 layer's Ā = diag(d) − u vᵀ, B̄ and C folded
-into two small real matrices per channel, so a layer step is two batched matmuls and a few pointwise ops
-in real arithmetic) and runs each resolution's stage as one function, which `compile=True` hands to
-torch.compile (inductor's C++ backend), one graph per stage and batch size.
+into two small real matrices per channel, so a layer step is a few products and sums in real arithmetic)
+and runs each resolution's stage as one function, which `compile=True` hands to torch.compile (inductor's
+C++ backend), one graph per stage and batch size.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ssmkit.audio.data import MU_LAW_ZERO
 from ssmkit.audio.sashimi import S4Block, SashimiLM
 from ssmkit.core.s4 import S4Conv, _complex
 
-__all__ = ["Generation", "Stepper", "sample_next", "generate", "naive_generate"]
+__all__ = ["Generation", "Stepper", "sample_next", "generate", "generation_threads", "naive_generate"]
 
 
 @dataclass
@@ -72,10 +72,12 @@ def _check(model: SashimiLM, batch: int, length: int, prime: torch.Tensor | None
 
 
 class _S4Recurrence(nn.Module):
-    """One S4 layer's step in real arithmetic on a state (H, batch, N) = [Re x | Im x] of the N/2 complex
-    modes: r = state @ read gives vᵀx (re, im) and the output's state term 2·Re(C Ā x); the new state is
-    d ⊙ x (as a 2x2 rotation-scaling per mode) + [vᵀx, u_t] @ write (the −u vᵀx and B̄ u_t terms); the
-    output adds (2·Re(C B̄) + D) u_t. Built in float64 from `recurrence()`, stored in the layer's dtype."""
+    """One S4 layer's step in real arithmetic on a state (batch, H, N) = [Re x | Im x] of the N/2 complex
+    modes: r = read · x gives vᵀx (re, im) and the output's state term 2·Re(C Ā x); the new state is
+    d ⊙ x (a 2x2 rotation-scaling per mode) + [vᵀx, u_t] · write (the −u vᵀx and B̄ u_t terms); the output
+    adds (2·Re(C B̄) + D) u_t. Products and sums over the state, no batched matmul: tiny bmm calls cost far
+    more than their arithmetic, and torch.compile fuses the sums into the update. Built in float64 from
+    `recurrence()`, stored in the layer's dtype."""
 
     def __init__(self, layer: S4Conv):
         super().__init__()
@@ -95,24 +97,23 @@ class _S4Recurrence(nn.Module):
             else:
                 out_read = rows(out.conj())
             dtype = layer.D.dtype
-            self.register_buffer("read", torch.stack([*read, out_read], -1).to(dtype))  # (H, 2n, 2r + 1)
+            self.register_buffer("read", torch.stack([*read, out_read], 1).to(dtype))  # (H, 2r + 1, 2n)
             self.register_buffer("write", torch.stack(write, 1).to(dtype))  # (H, 2r + 1, 2n)
-            self.register_buffer("same", torch.cat([d.real, d.real], -1)[:, None].to(dtype))  # (H, 1, 2n)
-            self.register_buffer("swap", torch.cat([-d.imag, d.imag], -1)[:, None].to(dtype))
+            self.register_buffer("same", torch.cat([d.real, d.real], -1).to(dtype))  # (H, 2n)
+            self.register_buffer("swap", torch.cat([-d.imag, d.imag], -1).to(dtype))
             self.register_buffer("direct", (2 * (c * b).sum(-1).real + layer.D.detach().double()).to(dtype))
         self.half = d.shape[-1]
 
     def default_state(self, batch: int) -> torch.Tensor:
-        return self.read.new_zeros(self.read.shape[0], batch, self.read.shape[1])
+        return self.read.new_zeros(batch, self.read.shape[0], self.read.shape[-1])
 
     def forward(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u (batch, H), state (H, batch, N) -> y (batch, H), new state."""
-        ut = u.t().unsqueeze(-1)
-        r = torch.bmm(state, self.read)
-        y = r[..., -1] + self.direct[:, None] * ut[..., 0]
-        state = state * self.same + state.roll(self.half, -1) * self.swap + torch.bmm(torch.cat([r[..., :-1], ut], -1),
-                                                                                       self.write)
-        return y.t(), state
+        """u (batch, H), state (batch, H, N) -> y (batch, H), new state."""
+        r = (state[:, :, None] * self.read).sum(-1)  # (batch, H, 2r + 1)
+        y = r[..., -1] + self.direct * u
+        coef = torch.cat([r[..., :-1], u[..., None]], -1)
+        state = state * self.same + state.roll(self.half, -1) * self.swap + (coef[..., None] * self.write).sum(-2)
+        return y, state
 
 
 class _StageStep(nn.Module):
@@ -144,31 +145,72 @@ class _StageStep(nn.Module):
         return (x if self.final is None else self.final(x)), new_states
 
 
+# inductor on CPU: weights frozen into the graph (prepacked), small matmuls by its C++ GEMM template, which
+# avoids a library call per tiny matmul (2-3x faster steps at batch 1 than the default options)
+_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(batch, weights): stages}
+
+
+def _stage_steps(model: SashimiLM, batch: int, compile: bool) -> list:
+    """Level l's stage step for l = 0 .. len(pool) (the last is the centre); with `compile`, compiled
+    now (one graph per stage and batch) and kept for later calls while the weights are unchanged."""
+    backbone = model.backbone
+    n = len(backbone.cfg.pool)
+
+    def build():
+        final = nn.Sequential(backbone.norm, model.head)  # level 0 ends with the logits
+        return [*(_StageStep(backbone.up_stages[n - 1 - level], final if level == 0 else None) for level in range(n)),
+                _StageStep(backbone.center)]
+
+    if not compile:
+        return build()
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    cache = _compiled.setdefault(model, {})
+    for key in [k for k in cache if k[1] != weights]:
+        del cache[key]
+    if (batch, weights) not in cache:
+        stages = build()
+        compiled = [torch.compile(stage, dynamic=False, fullgraph=True) for stage in stages]
+        # every stage of every batch size is one more graph of the same code: allow them all
+        with torch._dynamo.config.patch(recompile_limit=1 << 16), torch._inductor.config.patch(_COMPILE_OPTIONS), \
+                torch.no_grad():
+            for level, (stage, fn) in enumerate(zip(stages, compiled)):
+                x, skip = (model.head.weight.new_zeros(batch, backbone.cfg.d_model * backbone.cfg.expand ** level)
+                           for _ in range(2))
+                fn(x, None if level == n else skip, stage.default_state(batch))
+        cache[(batch, weights)] = compiled
+    return cache[(batch, weights)]
+
+
 class Stepper:
     """Fast O(1)-per-sample generation state of a `SashimiLM` (eval mode, weights fixed): call it with the
     tokens (batch,) of one step to get that step's logits (batch, n_classes). Level l of the U-Net runs
     every prod(pool[:l]) steps: its down-pool buffers `pool` inputs, its up-pool replays a queue of `pool`
     outputs delayed by one coarse step, exactly as `Sashimi.step`. Build cost: one pass over the weights,
-    plus one torch.compile per stage and batch size when `compile` is set."""
+    plus, with `compile`, one torch.compile per stage and batch size (reused while the weights stay)."""
 
     def __init__(self, model: SashimiLM, batch: int, compile: bool = False):
         backbone = model.backbone
         self.model, self.batch, self.pools = model, batch, backbone.cfg.pool
         n = len(self.pools)
-        final = nn.Sequential(backbone.norm, model.head)
-        # level l: stage up_stages[n-1-l] (level 0 ends with norm + head); level n: the centre
-        stages = [_StageStep(backbone.up_stages[n - 1 - level], final if level == 0 else None) for level in range(n)]
-        stages.append(_StageStep(backbone.center))
-        self.states = [stage.default_state(batch) for stage in stages]
-        self.stages = [torch.compile(stage, dynamic=False, fullgraph=True) if compile else stage for stage in stages]
+        self.stages = _stage_steps(model, batch, compile)
+        self.states = [stage.default_state(batch) for stage in self.stages]
         self.down = list(backbone.down)
         self.up = [backbone.up[n - 1 - level] for level in range(n)]
         self.buffers = [[] for _ in range(n)]
-        self.queues = [up.default_state(batch)[0] for up in self.up]
+        self.queues = [self._queue(up.default_state(batch)[0]) for up in self.up]
         self.time = [0] * n
 
+    @staticmethod
+    def _queue(outputs: torch.Tensor) -> torch.Tensor:
+        """Up-pool outputs (batch, pool, H) as (pool, batch, H) with standard strides, so that each step's
+        slice has the strides the compiled graphs were made for (torch.compile guards on strides)."""
+        queue = outputs.new_empty(outputs.shape[1], outputs.shape[0], outputs.shape[2])
+        return queue.copy_(outputs.transpose(0, 1))
+
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._advance(0, self.model.embedding(tokens))
+        with torch.no_grad():
+            return self._advance(0, self.model.embedding(tokens))
 
     def _advance(self, level: int, x: torch.Tensor) -> torch.Tensor:
         """One step of `level` with input x: its output (the logits at level 0)."""
@@ -177,12 +219,12 @@ class Stepper:
             return y
         pool, position = self.pools[level], self.time[level] % self.pools[level]
         self.time[level] += 1
-        out = self.queues[level][:, position]
+        out = self.queues[level][position]  # contiguous, as the compiled graphs expect
         self.buffers[level].append(x)
         if len(self.buffers[level]) == pool:
             coarse = self._advance(level + 1, self.down[level].linear(torch.cat(self.buffers[level], -1)))
             self.buffers[level] = []
-            self.queues[level] = self.up[level].linear(coarse).view(self.batch, pool, -1)
+            self.queues[level] = self._queue(self.up[level].linear(coarse).view(self.batch, pool, -1))
         y, self.states[level] = self.stages[level](out, x, self.states[level])
         return y
 
@@ -193,17 +235,23 @@ def generate(model: SashimiLM, batch: int, length: int, temperature: float = 1.0
     (batch, P)), the rest sampled one at a time through the recurrence (`Stepper`; `compile`: its stages
     compiled by torch.compile first, which pays off for long or many clips)."""
     prime = _check(model, batch, length, prime)
-    with _few_threads(prime.device, batch * model.cfg.d_model), torch.no_grad():
+    with _threads(generation_threads(prime.device, batch, model.cfg.d_model)), torch.no_grad():
         return _generate(model, batch, length, temperature, top_p, seed, prime, compile)
 
 
+def generation_threads(device: torch.device | str, batch: int, d_model: int) -> int:
+    """CPU threads `generate` uses: one while the step's tensors are tiny (batch 1: with several, the per-op
+    synchronisation costs more than the arithmetic), torch's setting from batch x width 1024 on (2-core CPU,
+    sashimi_sc09, batch 16: 2 threads gave 7,100 samples/s compiled and 4,100 eager, 1 thread 5,500 and 2,000)."""
+    if torch.device(device).type == "cpu" and batch * d_model < 1024:
+        return 1
+    return torch.get_num_threads()
+
+
 @contextlib.contextmanager
-def _few_threads(device: torch.device, width: int):
-    """One intra-op CPU thread while stepping small tensors: with several, the per-op synchronisation
-    costs more than the arithmetic (10-20x slower steps on a busy 2-core machine)."""
+def _threads(n: int):
     previous = torch.get_num_threads()
-    if device.type == "cpu" and width < 16384:
-        torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
