@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ssmkit.audio.data import MU_LAW_ZERO
 from ssmkit.audio.sashimi import S4Block, SashimiLM
-from ssmkit.core.s4 import S4Conv, _complex
+from ssmkit.core.s4 import S4Conv
 
 __all__ = ["Generation", "Stepper", "sample_next", "generate", "generation_threads", "naive_generate"]
 
@@ -84,7 +84,7 @@ class _S4Recurrence(nn.Module):
         with torch.no_grad():
             kernel = layer.kernel
             d, u, v, b = (None if t is None else t.detach().to(torch.complex128) for t in kernel.recurrence())
-            c = _complex(kernel.C).detach().to(torch.complex128)
+            c = kernel.output().detach().to(torch.complex128)
             rows = lambda z: torch.cat([z.real, z.imag], -1)  # noqa: E731  (H, n) complex -> (H, 2n) real
             out = 2 * (c * d)  # 2·Re(Σ C d x) reads Re x with 2·Re(C d) and Im x with −2·Im(C d)
             read, write = [], [rows(b)]

@@ -2,8 +2,8 @@
 
 A layer maps each of H channels u (length L) through the discretised system
     x_t = Ā x_{t-1} + B̄ u_t,   y_t = 2·Re(C x_t) + D u_t
-whose complex state x holds N/2 modes (the conjugate half of the N-dimensional real state is implied by
-the 2·Re). Training uses the convolution y = K * u + D u with the kernel K_l = 2·Re(C Āˡ B̄) of length
+whose complex state x holds the N/2 stored modes (S4D: the conjugate half of the N-dimensional real state
+is implied by the 2·Re) or all N modes (S4's DPLR, whose rank-1 term couples a mode with its conjugate). Training uses the convolution y = K * u + D u with the kernel K_l = 2·Re(C Āˡ B̄) of length
 L = input length (never truncated, so convolution and recurrence are the same function); generation
 uses `setup_step` / `default_state` / `step`, which apply the same Ā, B̄, C one sample at a time.
 
@@ -12,7 +12,7 @@ Kernels (both share dt, C and D; `n_ssm` copies of the state matrix and B are sh
   (S4D paper), ZOH or bilinear discretisation; K by a Vandermonde product.
 - `DPLRKernel` (S4): A = diag(Λ) − P Pᴴ with Re Λ = −exp(·), SaShiMi's "Hurwitz" form: A + Aᴴ ≺ 0, so
   every eigenvalue lies in the open left half-plane and the bilinear recurrence is stable. Initialised
-  from the normal-plus-low-rank form of HiPPO-LegS. K from its generating function at the L-th roots of
+  from the normal-plus-low-rank form of HiPPO-LegS (exactly LegS, up to the change of basis). K from its generating function at the L-th roots of
   unity (Cauchy sums + Woodbury identity), with C̃ = C(I − Āᴸ) accounting for the finite length.
 
 The plain reference `kernel_reference` (powers of Ā) is the oracle the tests compare the kernels with;
@@ -76,6 +76,10 @@ class _KernelBase(nn.Module):
         (the subclasses set log_A_real and A_imag)."""
         return torch.complex(-self.log_A_real.exp(), -self.A_imag)
 
+    def output(self) -> torch.Tensor:
+        """The complex output row (H, n) of the state the kernel and the step run on; y = 2·Re(C x)."""
+        return _complex(self.C)
+
 
 class S4DKernel(_KernelBase):
     """Diagonal state matrix Λ (S4D). init 'lin': Λ_n = −1/2 − iπn; 'inv': Λ_n = −1/2 − i(N/π)(N/(2n+1) − 1).
@@ -134,8 +138,8 @@ class S4DKernel(_KernelBase):
 def hippo_legs_nplr(d_state: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HiPPO-LegS in normal-plus-low-rank form, diagonalised: LegS = S − p pᵀ with S = V diag(Λ) Vᴴ
     normal (Re Λ = −1/2). Returns (Λ, P = Vᴴp, B = Vᴴq), each (N/2,) complex, for one eigenvalue of each
-    conjugate pair (Im Λ < 0); as in S4, diag(Λ) − P Pᴴ on this half, with its mirror conjugate half,
-    is the DPLR initialisation (it drops the rank-1 coupling between the two halves)."""
+    conjugate pair (Im Λ < 0). With the mirror half, diag([Λ, Λ̄]) − [P, P̄][P, P̄]ᴴ is LegS itself in the
+    eigenbasis of S: the DPLR initialisation of S4."""
     q = torch.sqrt(2 * torch.arange(d_state, dtype=torch.float64) + 1)
     # LegS A = S − p pᵀ with p = q/√2 and S = −I/2 + skew; the skew part is diagonalised by eigh
     skew = -0.5 * q[:, None] * q[None, :] * torch.sign(torch.arange(d_state)[:, None] - torch.arange(d_state))
@@ -148,15 +152,19 @@ def hippo_legs_nplr(d_state: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _cauchy_sums(weights: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Σ_n w_kn / (g_l − Λ_n) for each row k of weights (K, H, N/2), nodes g (H, L'): (K, H, L')."""
+    """Σ_n w_kn / (g_l − Λ_n) for each row k of weights (K, H, n), nodes g (H, L'): (K, H, L')."""
     return torch.einsum("khn,hnl->khl", weights, 1 / (g[:, None, :] - lam[:, :, None]))
 
 
 class DPLRKernel(_KernelBase):
     """S4 with A = diag(Λ) − P Pᴴ, Re Λ = −exp(log_A_real) (Hurwitz), bilinear discretisation, LegS init.
 
+    As in S4 the state is the full conjugate-symmetric one: the N/2 stored modes and their conjugates,
+    Λ_f = [Λ, Λ̄], P_f = [P, P̄], B_f = [B, B̄], with the rank-1 term P_f P_fᴴ coupling the two halves (at
+    init A is exactly HiPPO-LegS), and the output row [C, C̄]/2 so that y = 2·Re(C_f x) = C x + C̄ x̄.
+
     `chunk`: the Cauchy sums run over blocks of this many frequency nodes, each recomputed in the backward
-    pass instead of keeping its (H, N/2, nodes) complex reciprocals (at L = 16000 those were most of the
+    pass instead of keeping its (H, N, nodes) complex reciprocals (at L = 16000 those were most of the
     training memory: ~10 GB for the 8-layer SC09 model at batch 1); 0: one block."""
 
     def __init__(self, d_model: int, d_state: int = 64, n_ssm: int | None = 1, dt_min: float = 1e-3,
@@ -172,34 +180,44 @@ class DPLRKernel(_KernelBase):
         self.P = _ssm_parameter(torch.view_as_real(rep(p)))
         self.B = _ssm_parameter(torch.view_as_real(rep(b)))
 
+    def modes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Λ_f, P_f, B_f (n_ssm, N) of the full state: each stored mode followed by its conjugate."""
+        both = lambda z: torch.cat([z, z.conj()], -1)  # noqa: E731
+        return both(self.state_eigenvalues()), both(_complex(self.P)), both(_complex(self.B))
+
+    def output(self) -> torch.Tensor:
+        C = _complex(self.C)
+        return torch.cat([C, C.conj()], -1) / 2
+
     def state_matrix(self) -> torch.Tensor:
-        """A = diag(Λ) − P Pᴴ (n_ssm, N/2, N/2): A + Aᴴ is negative definite, so A is Hurwitz."""
-        p = _complex(self.P)
-        return torch.diag_embed(self.state_eigenvalues()) - p[:, :, None] * p[:, None, :].conj()
+        """A = diag(Λ_f) − P_f P_fᴴ (n_ssm, N, N): A + Aᴴ is negative definite, so A is Hurwitz."""
+        lam, p, _ = self.modes()
+        return torch.diag_embed(lam) - p[:, :, None] * p[:, None, :].conj()
 
     def discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Ā (H, N/2, N/2), B̄ (H, N/2), C (H, N/2)) of the bilinear discretisation, dense."""
+        """(Ā (H, N, N), B̄ (H, N), C_f (H, N)) of the bilinear discretisation, dense."""
         A = self._expand(self.state_matrix())
         dt = self.dt().to(A.dtype)[:, None, None]
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         left = eye - dt / 2 * A
         dA = torch.linalg.solve(left, eye + dt / 2 * A)
-        dB = torch.linalg.solve(left, dt[..., 0] * self._expand(_complex(self.B)))
-        return dA, dB, _complex(self.C)
+        dB = torch.linalg.solve(left, dt[..., 0] * self._expand(self.modes()[2]))
+        return dA, dB, self.output()
 
     def step_factors(self) -> tuple[torch.Tensor, ...]:
         """Per-channel factors of the O(N) bilinear step (the S4 code's "linear" step mode): x' = M⁻¹((I +
         Δ/2·A) x + Δ·B·u) with M = I − Δ/2·A = E + Δ/2·P Pᴴ, E diagonal, inverted by the Woodbury identity,
-        so Ā is never formed. Returns (Λ, P, Δ/2, E⁻¹, Δ/2·E⁻¹P, 1 + Δ/2·Pᴴ E⁻¹ P, Δ·B), each (H, N/2) or (H, 1)."""
-        lam, p = self._expand(self.state_eigenvalues()), self._expand(_complex(self.P))
+        so Ā is never formed. Returns (Λ, P, Δ/2, E⁻¹, Δ/2·E⁻¹P, 1 + Δ/2·Pᴴ E⁻¹ P, Δ·B) of the full state,
+        each (H, N) or (H, 1)."""
+        lam, p, b = (self._expand(t) for t in self.modes())
         dt = self.dt().to(lam.dtype)[:, None]
         half = dt / 2
         e_inv = 1 / (1 - half * lam)
         denom = 1 + (half * p.conj() * e_inv * p).sum(-1, keepdim=True)
-        return lam, p, half, e_inv, half * e_inv * p, denom, dt * self._expand(_complex(self.B))
+        return lam, p, half, e_inv, half * e_inv * p, denom, dt * b
 
     def recurrence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(d, u, v, B̄), each (H, N/2), with Ā = diag(d) − u vᵀ: the bilinear Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A)
+        """(d, u, v, B̄), each (H, N), with Ā = diag(d) − u vᵀ: the bilinear Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A)
         equals 2M⁻¹ − I with M = I − Δ/2·A = E + Δ/2·P Pᴴ, and Woodbury makes M⁻¹ diagonal plus rank one.
         A fixed-size form of the step (no data-dependent division) that generation folds into real matrices."""
         lam, p, half, e_inv, q, denom, dtB = self.step_factors()
@@ -213,8 +231,7 @@ class DPLRKernel(_KernelBase):
         of diag(Λ) − P Pᴴ comes from Cauchy sums by the Woodbury identity."""
         dA, _, C = self.discrete()
         C_tilde = C - torch.einsum("hn,hnm->hm", C, torch.linalg.matrix_power(dA, length))
-        lam = self._expand(self.state_eigenvalues())
-        p, b = self._expand(_complex(self.P)), self._expand(_complex(self.B))
+        lam, p, b = (self._expand(t) for t in self.modes())
         dt = self.dt()
         nodes = torch.arange(length, device=dt.device, dtype=torch.float64)
         omega = torch.exp(-2j * math.pi * nodes / length).to(lam.dtype)
@@ -222,7 +239,7 @@ class DPLRKernel(_KernelBase):
         at_minus_one = nodes == length // 2 if length % 2 == 0 else torch.zeros_like(nodes, dtype=torch.bool)
         omega = torch.where(at_minus_one, torch.zeros_like(omega), omega)
         g = 2 / dt[:, None] * (1 - omega) / (1 + omega)  # (H, L), purely imaginary on the unit circle
-        weights = torch.stack([C_tilde * b, C_tilde * p, p.conj() * b, p.conj() * p])  # (4, H, N/2)
+        weights = torch.stack([C_tilde * b, C_tilde * p, p.conj() * b, p.conj() * p])  # (4, H, N)
         chunk = self.chunk or length
         k00, k01, k10, k11 = torch.cat([checkpoint(_cauchy_sums, weights, lam, g[:, i:i + chunk], use_reentrant=False)
                                         for i in range(0, length, chunk)], -1)
@@ -273,11 +290,11 @@ class S4Conv(nn.Module):
         Ā, B̄ (diagonal) for S4D; the Woodbury factors of the bilinear step for DPLR."""
         with torch.no_grad():
             terms = self.kernel.step_factors() if isinstance(self.kernel, DPLRKernel) else self.kernel.discrete()[:2]
-            self._step_matrices = tuple(t.detach() for t in terms) + (_complex(self.kernel.C).detach(),)
+            self._step_matrices = tuple(t.detach() for t in terms) + (self.kernel.output().detach(),)
 
     def default_state(self, batch: int) -> torch.Tensor:
-        """The zero state (batch, H, N/2), complex."""
-        C = _complex(self.kernel.C)
+        """The zero state (batch, H, n), complex: n = N/2 modes for S4D, the full N for DPLR."""
+        C = self.kernel.output()
         return torch.zeros(batch, *C.shape, dtype=C.dtype, device=C.device)
 
     def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

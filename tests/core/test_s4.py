@@ -190,3 +190,13 @@ def test_chunked_cauchy_sums_equal_one_block_forward_and_backward():
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="chunk must be"):
         DPLRKernel(2, 4, chunk=-1)
+
+
+def test_dplr_init_is_hippo_legs():
+    """S4's coupled DPLR form: diag([Λ, Λ̄]) − [P, P̄][P, P̄]ᴴ at init is HiPPO-LegS in another basis, so its
+    eigenvalues are LegS's −1, −2, …, −N (the uncoupled half-state form has its slowest mode near −0.52)."""
+    N = 8
+    eig = torch.linalg.eigvals(DPLRKernel(1, N).state_matrix()[0].to(torch.complex128))
+    slowest = torch.sort(eig.real, descending=True).values[:3]
+    torch.testing.assert_close(slowest, torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64), rtol=0, atol=1e-3)
+    torch.testing.assert_close(eig.imag, torch.zeros(N, dtype=torch.float64), rtol=0, atol=1e-3)
