@@ -164,7 +164,7 @@ class DPLRKernel(_KernelBase):
     init A is exactly HiPPO-LegS), and the output row [C, C̄]/2 so that y = 2·Re(C_f x) = C x + C̄ x̄.
 
     `chunk`: the Cauchy sums run over blocks of this many frequency nodes, each recomputed in the backward
-    pass instead of keeping its (H, N, nodes) complex reciprocals (at L = 16000 those were most of the
+    pass instead of keeping its (H, N/2, nodes) complex reciprocals (at L = 16000 those were most of the
     training memory: ~10 GB for the 8-layer SC09 model at batch 1); 0: one block."""
 
     def __init__(self, d_model: int, d_state: int = 64, n_ssm: int | None = 1, dt_min: float = 1e-3,
@@ -239,10 +239,14 @@ class DPLRKernel(_KernelBase):
         at_minus_one = nodes == length // 2 if length % 2 == 0 else torch.zeros_like(nodes, dtype=torch.bool)
         omega = torch.where(at_minus_one, torch.zeros_like(omega), omega)
         g = 2 / dt[:, None] * (1 - omega) / (1 + omega)  # (H, L), purely imaginary on the unit circle
-        weights = torch.stack([C_tilde * b, C_tilde * p, p.conj() * b, p.conj() * p])  # (4, H, N)
+        # every weight is conjugate-symmetric ([w, w̄]) and g is imaginary (ḡ = −g, the node of ω̄), so the
+        # conjugate half's sum at node l is the conjugate of the stored half's sum at node −l: sums over N/2
+        n = lam.shape[-1] // 2
+        weights = torch.stack([C_tilde * b, C_tilde * p, p.conj() * b, p.conj() * p])[..., :n]  # (4, H, N/2)
         chunk = self.chunk or length
-        k00, k01, k10, k11 = torch.cat([checkpoint(_cauchy_sums, weights, lam, g[:, i:i + chunk], use_reentrant=False)
-                                        for i in range(0, length, chunk)], -1)
+        half = torch.cat([checkpoint(_cauchy_sums, weights, lam[:, :n], g[:, i:i + chunk], use_reentrant=False)
+                          for i in range(0, length, chunk)], -1)
+        k00, k01, k10, k11 = half + half[..., (-torch.arange(length, device=g.device)) % length].conj()
         generating = 2 / (1 + omega) * (k00 - k01 * k10 / (1 + k11))
         # ω = −1: Σ_l C Āˡ B̄ (−1)ˡ = C̃ (I + Ā)⁻¹ B̄, and for the bilinear Ā, B̄ that is C̃·Δ/2·B
         limit = torch.einsum("hn,hn->h", C_tilde, dt.to(b.dtype)[:, None] / 2 * b)
