@@ -72,8 +72,8 @@ def _check(model: SashimiLM, batch: int, length: int, prime: torch.Tensor | None
 
 
 class _S4Recurrence(nn.Module):
-    """One S4 layer's step in real arithmetic on a state (batch, H, N) = [Re x | Im x] of the N/2 complex
-    modes: r = read · x gives vᵀx (re, im) and the output's state term 2·Re(C Ā x); the new state is
+    """One S4 layer's step in real arithmetic on a state (batch, H, 2n) = [Re x | Im x] of the layer's n
+    complex modes (N/2 for S4D, N for S4's DPLR): r = read · x gives vᵀx (re, im) and the output's state term 2·Re(C Ā x); the new state is
     d ⊙ x (a 2x2 rotation-scaling per mode) + [vᵀx, u_t] · write (the −u vᵀx and B̄ u_t terms); the output
     adds (2·Re(C B̄) + D) u_t. Products and sums over the state, no batched matmul: tiny bmm calls cost far
     more than their arithmetic, and torch.compile fuses the sums into the update. Built in float64 from
