@@ -176,17 +176,23 @@ def _keep_tile(seq_ptr, row, p, pm, dmask, L, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_inputs(c, n_chunks, offs, dmask, u_rows, dl_rows, bias, L, T: tl.constexpr, SOFTPLUS: tl.constexpr,
-                  REVERSE: tl.constexpr):
-    """Chunk c in scan order: its tile index m in memory, positions p, masks, and the fp32 (BD, T) tiles
-    U, DL (delta as given), DT (through bias and softplus, 0 outside) and DT*U."""
+def _chunk_tile(c, n_chunks, offs, dmask, L, T: tl.constexpr, REVERSE: tl.constexpr):
+    """Chunk c in scan order: its tile index m in memory, positions p and the masks of p and the (BD, T) tile."""
     if REVERSE:
         m = n_chunks - 1 - c
     else:
         m = c
     p = m * T + offs
     pm = p < L
-    m2 = dmask[:, None] & pm[None, :]
+    return m, p, pm, dmask[:, None] & pm[None, :]
+
+
+@triton.jit
+def _chunk_inputs(c, n_chunks, offs, dmask, u_rows, dl_rows, bias, L, T: tl.constexpr, SOFTPLUS: tl.constexpr,
+                  REVERSE: tl.constexpr):
+    """`_chunk_tile` of chunk c and its fp32 (BD, T) tiles U, DL (delta as given), DT (through bias and
+    softplus, 0 outside) and DT*U."""
+    m, p, pm, m2 = _chunk_tile(c, n_chunks, offs, dmask, L, T, REVERSE)
     U = tl.load(u_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
     DL = tl.load(dl_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
     DT = _dt(DL, bias[:, None], m2, SOFTPLUS)
@@ -547,14 +553,7 @@ def _seq_bwd_local_kernel(
     sum_dt = tl.zeros([BD], dtype=tl.float32)
     keep_all = tl.full([BD], 1.0, dtype=tl.float32)
     for ci in range(c1 - c0):
-        c = c1 - 1 - ci
-        if REVERSE:
-            m = n_chunks - 1 - c
-        else:
-            m = c
-        p = m * T + offs
-        pm = p < L
-        m2 = dmask[:, None] & pm[None, :]
+        m, p, pm, m2 = _chunk_tile(c1 - 1 - ci, n_chunks, offs, dmask, L, T, REVERSE)
         DL = tl.load(dl_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
         DT = _dt(DL, bias[:, None], m2, SOFTPLUS)
         DY = tl.load(do_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
