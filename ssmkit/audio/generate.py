@@ -8,9 +8,9 @@ on the same model and seed they return the same tokens.
 
 The recurrent path does not call `SashimiLM.step` (the reference, tested equal to `forward`): `Stepper`
 precomputes once what does not depend on the input (each S4 layer's Ā = diag(d) − u vᵀ, B̄ and C folded
-into two small real matrices per channel, so a layer step is a few products and sums in real arithmetic)
-and runs each resolution's stage as one function, which `compile=True` hands to torch.compile (inductor's
-C++ backend), one graph per stage and batch size.
+into a few real vectors per channel, over the N/2 stored modes only: S4's conjugate-symmetric state is
+carried as its stored half) and runs each resolution's stage as one function, which `compile=True` hands
+to torch.compile (inductor's C++ backend), one graph per stage and batch size.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ssmkit.audio.data import MU_LAW_ZERO
-from ssmkit.audio.sashimi import S4Block, SashimiLM
+from ssmkit.audio.sashimi import S4Block, SashimiLM, UpPool
 from ssmkit.core.s4 import S4Conv
 
 __all__ = ["Generation", "Stepper", "sample_next", "generate", "generation_threads", "naive_generate"]
@@ -40,20 +40,20 @@ class Generation:
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """One token per row of logits (batch, classes): softmax(logits / temperature) restricted to the
     smallest set of most likely classes whose probability reaches top_p, sampled by inverse CDF with
-    one uniform draw per row (temperature 0: argmax, no draw)."""
+    one uniform draw per row (temperature 0: argmax, no draw). With top_p = 1 nothing is cut, and the
+    CDF runs over the classes in their own order: no sort, a third of the cost per generated sample."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.double() / temperature, -1)
-    sorted_probs, order = probs.sort(-1, descending=True)
-    cumulative = sorted_probs.cumsum(-1)
-    keep = cumulative - sorted_probs < top_p  # the first class is always kept
-    sorted_probs = sorted_probs * keep
-    cumulative = sorted_probs.cumsum(-1)
+    probs, order = torch.softmax(logits.double() / temperature, -1), None
+    if top_p < 1:
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs * (probs.cumsum(-1) - probs < top_p)  # the first class is always kept
+    cumulative = probs.cumsum(-1)
     u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64).to(logits.device)
     index = torch.searchsorted(cumulative, u * cumulative[:, -1:]).clamp_max(logits.shape[-1] - 1)
-    return order.gather(-1, index).squeeze(-1)
+    return (index if order is None else order.gather(-1, index)).squeeze(-1)
 
 
 def _check(model: SashimiLM, batch: int, length: int, prime: torch.Tensor | None) -> torch.Tensor:
@@ -72,10 +72,13 @@ def _check(model: SashimiLM, batch: int, length: int, prime: torch.Tensor | None
 
 
 class _S4Recurrence(nn.Module):
-    """One S4 layer's step in real arithmetic on a state (batch, H, 2n) = [Re x | Im x] of the layer's n
-    complex modes (N/2 for S4D, N for S4's DPLR): r = read · x gives vᵀx (re, im) and the output's state term 2·Re(C Ā x); the new state is
-    d ⊙ x (a 2x2 rotation-scaling per mode) + [vᵀx, u_t] · write (the −u vᵀx and B̄ u_t terms); the output
-    adds (2·Re(C B̄) + D) u_t. Products and sums over the state, no batched matmul: tiny bmm calls cost far
+    """One S4 layer's step in real arithmetic on a state (batch, H, 2, N/2) = [Re x; Im x] of the N/2 stored
+    modes. For S4D those are the whole state (the conjugates are implied by y = 2·Re(C x)). S4's DPLR step
+    runs on the full state [x, x̄], whose rank-1 term Ā = diag(d) − u vᵀ couples the halves; every vector of
+    `recurrence()` is conjugate-symmetric ([z, z̄]), so for real inputs the state stays [x, x̄] and the half
+    x is enough: vᵀ[x, x̄] = 2·Re(v_h x) =: s is real, x' = d_h x − u_h s + B̄_h u_t, y = 2·Re(C x') + D u_t.
+    A step is r = read · x (s, and the output's state term), then x' = d ⊙ x (a 2x2 rotation-scaling per
+    mode) + s·(−u_h) + u_t·B̄_h. Products and sums over the state, no batched matmul: tiny bmm calls cost far
     more than their arithmetic, and torch.compile fuses the sums into the update. Built in float64 from
     `recurrence()`, stored in the layer's dtype."""
 
@@ -85,64 +88,72 @@ class _S4Recurrence(nn.Module):
             kernel = layer.kernel
             d, u, v, b = (None if t is None else t.detach().to(torch.complex128) for t in kernel.recurrence())
             c = kernel.output().detach().to(torch.complex128)
-            rows = lambda z: torch.cat([z.real, z.imag], -1)  # noqa: E731  (H, n) complex -> (H, 2n) real
-            out = 2 * (c * d)  # 2·Re(Σ C d x) reads Re x with 2·Re(C d) and Im x with −2·Im(C d)
-            read, write = [], [rows(b)]
-            if u is not None:  # w = vᵀx: Re w = Re v·Re x − Im v·Im x, Im w = Im v·Re x + Re v·Im x
-                w_re, w_im = rows(v.conj()), rows(1j * v.conj())
-                gamma = 2 * (c * u).sum(-1, keepdim=True)  # output term −2·Re(Σ C u · w)
-                read = [w_re, w_im]
-                out_read = rows(out.conj()) - gamma.real * w_re + gamma.imag * w_im
-                write = [rows(-u), rows(-1j * u), rows(b)]
-            else:
-                out_read = rows(out.conj())
+            half = kernel.d_state // 2
+            if u is not None:  # DPLR, full state [x, x̄]: keep the stored half; 2·Re(C_f x_f) = 2·Re(2 C_f,h x)
+                d, u, v, b, c = d[:, :half], u[:, :half], v[:, :half], b[:, :half], 2 * c[:, :half]
+            pairs = lambda z: torch.stack([z.real, z.imag], -2)  # noqa: E731  (H, n) complex -> (H, 2, n)
+            out_read = pairs((2 * c * d).conj())  # 2·Re(Σ C d x): Re(z x) = Σ pairs(z̄) ⊙ [Re x, Im x]
+            read = [out_read]
             dtype = layer.D.dtype
-            self.register_buffer("read", torch.stack([*read, out_read], 1).to(dtype))  # (H, 2r + 1, 2n)
-            self.register_buffer("write", torch.stack(write, 1).to(dtype))  # (H, 2r + 1, 2n)
-            self.register_buffer("same", torch.cat([d.real, d.real], -1).to(dtype))  # (H, 2n)
-            self.register_buffer("swap", torch.cat([-d.imag, d.imag], -1).to(dtype))
+            if u is not None:
+                s_read = pairs(2 * v.conj())  # s = 2·Re(Σ v x)
+                read = [s_read, out_read - 2 * (c * u).sum(-1, keepdim=True).real[..., None] * s_read]  # −2·Re(Σ C u)·s
+                self.register_buffer("low_rank", pairs(-u).to(dtype))
+            else:
+                self.low_rank = None
+            self.register_buffer("read", torch.stack(read, 1).to(dtype))  # (H, 1 or 2, 2, n)
+            self.register_buffer("b_bar", pairs(b).to(dtype))  # (H, 2, n)
+            self.register_buffer("same", torch.stack([d.real, d.real], -2).to(dtype))  # (H, 2, n)
+            self.register_buffer("swap", torch.stack([-d.imag, d.imag], -2).to(dtype))
             self.register_buffer("direct", (2 * (c * b).sum(-1).real + layer.D.detach().double()).to(dtype))
-        self.half = d.shape[-1]
 
     def default_state(self, batch: int) -> torch.Tensor:
-        return self.read.new_zeros(batch, self.read.shape[0], self.read.shape[-1])
+        return self.read.new_zeros(batch, *self.same.shape)
 
     def forward(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u (batch, H), state (batch, H, N) -> y (batch, H), new state."""
-        r = (state[:, :, None] * self.read).sum(-1)  # (batch, H, 2r + 1)
+        """u (batch, H), state (batch, H, 2, n) -> y (batch, H), new state. The [Re, Im] flip (not a roll of
+        one flat dimension) keeps every load contiguous, so inductor vectorises the update."""
+        r = (state[:, :, None] * self.read).sum((-2, -1))  # (batch, H, 1 or 2)
         y = r[..., -1] + self.direct * u
-        coef = torch.cat([r[..., :-1], u[..., None]], -1)
-        state = state * self.same + state.roll(self.half, -1) * self.swap + (coef[..., None] * self.write).sum(-2)
+        state = state * self.same + state.flip(-2) * self.swap + u[..., None, None] * self.b_bar
+        if self.low_rank is not None:
+            state = state + r[..., 0, None, None] * self.low_rank
         return y, state
 
 
 class _StageStep(nn.Module):
-    """One resolution's stack of [S4, feed-forward] residual pairs for one step: x (+ skip) -> stage(x) + x,
-    then the final norm and head for the full-resolution stage (logits). Shares the model's modules."""
+    """One step of one resolution, as `Sashimi.forward` runs it: the level's input x (level 0: the tokens,
+    embedded; coarser levels: the `pool` inputs buffered at the finer level, down-pooled), plus the up-pool
+    output from the coarser level (none at the centre), through the stack of [S4, feed-forward] residual
+    pairs with a residual around the stack; then the final norm and head (level 0: logits), or the up-pool
+    to the finer level as its next `pool` inputs, a (batch, pool, H_finer) queue. Returns (output, x, new
+    states): the finer level buffers x for the next coarse step. Shares the model's modules."""
 
-    def __init__(self, layers: nn.ModuleList, final: nn.Module | None = None):
+    def __init__(self, layers: nn.ModuleList, entry: nn.Module, exit: nn.Module | None):
         super().__init__()
-        self.layers = layers
+        self.layers, self.entry, self.exit = layers, entry, exit
         self.s4 = nn.ModuleList(_S4Recurrence(r.layer.s4) for r in layers if isinstance(r.layer, S4Block))
-        self.final = final
 
     def default_state(self, batch: int) -> list[torch.Tensor]:
         return [s4.default_state(batch) for s4 in self.s4]
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, states: list[torch.Tensor]):
-        if skip is not None:
-            x = x + skip
-        stage_input, new_states = x, []
+    def forward(self, inputs: torch.Tensor | list[torch.Tensor], upsampled: torch.Tensor | None,
+                states: list[torch.Tensor]):
+        x = self.entry(inputs) if isinstance(self.entry, nn.Embedding) else self.entry.linear(torch.cat(inputs, -1))
+        h = x if upsampled is None else x + upsampled
+        stage_input, new_states = h, []
         for residual in self.layers:
-            z = residual.norm(x)
+            z = residual.norm(h)
             if isinstance(residual.layer, S4Block):
                 y, state = self.s4[len(new_states)](z, states[len(new_states)])
                 new_states.append(state)
-                x = x + residual.layer._head(y)
+                h = h + residual.layer._head(y)
             else:
-                x = x + residual.layer.net(z)
-        x = x + stage_input
-        return (x if self.final is None else self.final(x)), new_states
+                h = h + residual.layer.net(z)
+        h = h + stage_input
+        if isinstance(self.exit, UpPool):
+            return self.exit.linear(h).view(h.shape[0], self.exit.pool, -1), x, new_states
+        return self.exit(h), x, new_states
 
 
 # inductor on CPU: weights frozen into the graph (prepacked), small matmuls by its C++ GEMM template, which
@@ -158,75 +169,84 @@ def _stage_steps(model: SashimiLM, batch: int, compile: bool) -> list:
     n = len(backbone.cfg.pool)
 
     def build():
-        final = nn.Sequential(backbone.norm, model.head)  # level 0 ends with the logits
-        return [*(_StageStep(backbone.up_stages[n - 1 - level], final if level == 0 else None) for level in range(n)),
-                _StageStep(backbone.center)]
+        return [_StageStep(backbone.center if level == n else backbone.up_stages[n - 1 - level],
+                           model.embedding if level == 0 else backbone.down[level - 1],
+                           nn.Sequential(backbone.norm, model.head) if level == 0 else backbone.up[n - level])
+                for level in range(n + 1)]
 
     if not compile:
         return build()
+    # graphs are made for one thread count (dynamo guards on it): the key holds it, `Stepper` keeps it
     weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
     cache = _compiled.setdefault(model, {})
-    for key in [k for k in cache if k[1] != weights]:
+    for key in [k for k in cache if k[2] != weights]:
         del cache[key]
-    if (batch, weights) not in cache:
+    key = (batch, torch.get_num_threads(), weights)
+    if key not in cache:
         stages = build()
         compiled = [torch.compile(stage, dynamic=False, fullgraph=True) for stage in stages]
         # every stage of every batch size is one more graph of the same code: allow them all
         with torch._dynamo.config.patch(recompile_limit=1 << 16), torch._inductor.config.patch(_COMPILE_OPTIONS), \
                 torch.no_grad():
             for level, (stage, fn) in enumerate(zip(stages, compiled)):
-                x, skip = (model.head.weight.new_zeros(batch, backbone.cfg.d_model * backbone.cfg.expand ** level)
-                           for _ in range(2))
-                fn(x, None if level == n else skip, stage.default_state(batch))
-        cache[(batch, weights)] = compiled
-    return cache[(batch, weights)]
+                fn(*_example_inputs(model, batch, level), stage.default_state(batch))
+        cache[key] = compiled
+    return cache[key]
+
+
+def _example_inputs(model: SashimiLM, batch: int, level: int) -> tuple:
+    """Zero inputs of level `level`'s stage step with the shapes and strides `Stepper` passes."""
+    cfg, zeros = model.cfg, model.head.weight.new_zeros
+    if level == 0:
+        inputs = torch.full((batch,), MU_LAW_ZERO, dtype=torch.long, device=model.head.weight.device)
+    else:
+        inputs = [zeros(batch, cfg.d_model * cfg.expand ** (level - 1)) for _ in range(cfg.pool[level - 1])]
+    if level == len(cfg.pool):
+        return inputs, None
+    return inputs, zeros(batch, cfg.pool[level], cfg.d_model * cfg.expand ** level)[:, 0]  # a slice of a queue
 
 
 class Stepper:
     """Fast O(1)-per-sample generation state of a `SashimiLM` (eval mode, weights fixed): call it with the
     tokens (batch,) of one step to get that step's logits (batch, n_classes). Level l of the U-Net runs
-    every prod(pool[:l]) steps: its down-pool buffers `pool` inputs, its up-pool replays a queue of `pool`
-    outputs delayed by one coarse step, exactly as `Sashimi.step`. Build cost: one pass over the weights,
-    plus, with `compile`, one torch.compile per stage and batch size (reused while the weights stay)."""
+    every prod(pool[:l]) steps: level l buffers `pool` of its inputs for level l + 1 and replays a queue of
+    `pool` up-pooled outputs of level l + 1 delayed by one coarse step, exactly as `Sashimi.step`. Build
+    cost: one pass over the weights, plus, with `compile`, one torch.compile per stage and batch size
+    (reused while the weights stay)."""
 
     def __init__(self, model: SashimiLM, batch: int, compile: bool = False):
-        backbone = model.backbone
-        self.model, self.batch, self.pools = model, batch, backbone.cfg.pool
-        n = len(self.pools)
+        cfg = model.cfg
+        self.pools, self.threads = cfg.pool, torch.get_num_threads()
         self.stages = _stage_steps(model, batch, compile)
         self.states = [stage.default_state(batch) for stage in self.stages]
-        self.down = list(backbone.down)
-        self.up = [backbone.up[n - 1 - level] for level in range(n)]
-        self.buffers = [[] for _ in range(n)]
-        self.queues = [self._queue(up.default_state(batch)[0]) for up in self.up]
-        self.time = [0] * n
-
-    @staticmethod
-    def _queue(outputs: torch.Tensor) -> torch.Tensor:
-        """Up-pool outputs (batch, pool, H) as (pool, batch, H) with standard strides, so that each step's
-        slice has the strides the compiled graphs were made for (torch.compile guards on strides)."""
-        queue = outputs.new_empty(outputs.shape[1], outputs.shape[0], outputs.shape[2])
-        return queue.copy_(outputs.transpose(0, 1))
+        # queue l: the (batch, pool, H_l) inputs level l takes from level l + 1, zero for the first coarse step
+        self.queues = [model.head.weight.new_zeros(batch, p, cfg.d_model * cfg.expand ** level)
+                       for level, p in enumerate(self.pools)]
+        self.buffers = [[] for _ in self.pools]
+        self.time = [0] * len(self.pools)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self._advance(0, self.model.embedding(tokens))
+        # the strides and thread count the compiled graphs were made for (dynamo guards on both; a size-1
+        # slice can be 'contiguous' with any stride)
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        threads = _threads(self.threads) if torch.get_num_threads() != self.threads else contextlib.nullcontext()
+        with threads, torch.no_grad():
+            return self._advance(0, tokens)
 
-    def _advance(self, level: int, x: torch.Tensor) -> torch.Tensor:
-        """One step of `level` with input x: its output (the logits at level 0)."""
+    def _advance(self, level: int, inputs) -> torch.Tensor:
+        """One step of `level` (inputs: the tokens at level 0, else the finer level's `pool` buffered inputs):
+        its output (the logits at level 0, else the up-pooled queue for the finer level)."""
         if level == len(self.pools):
-            y, self.states[level] = self.stages[level](x, None, self.states[level])
-            return y
-        pool, position = self.pools[level], self.time[level] % self.pools[level]
+            out, _, self.states[level] = self.stages[level](inputs, None, self.states[level])
+            return out
+        position = self.time[level] % self.pools[level]
         self.time[level] += 1
-        out = self.queues[level][position]  # contiguous, as the compiled graphs expect
+        out, x, self.states[level] = self.stages[level](inputs, self.queues[level][:, position], self.states[level])
         self.buffers[level].append(x)
-        if len(self.buffers[level]) == pool:
-            coarse = self._advance(level + 1, self.down[level].linear(torch.cat(self.buffers[level], -1)))
+        if len(self.buffers[level]) == self.pools[level]:
+            self.queues[level] = self._advance(level + 1, self.buffers[level])
             self.buffers[level] = []
-            self.queues[level] = self._queue(self.up[level].linear(coarse).view(self.batch, pool, -1))
-        y, self.states[level] = self.stages[level](out, x, self.states[level])
-        return y
+        return out
 
 
 def generate(model: SashimiLM, batch: int, length: int, temperature: float = 1.0, top_p: float = 1.0,

@@ -36,12 +36,14 @@ def _reference_step(model, batch):
     return step
 
 
-@pytest.mark.parametrize("kernel,n_ssm", [("dplr", 1), ("dplr", None), ("s4d", None)])
-def test_fast_stepper_equals_the_reference_step_in_fp32(kernel, n_ssm):
+@pytest.mark.parametrize("kernel,n_ssm,pool", [("dplr", 1, (4, 4)), ("dplr", None, (4, 4)), ("s4d", None, (4, 4)),
+                                               ("dplr", 1, (2, 3, 2)), ("s4d", None, ())])
+def test_fast_stepper_equals_the_reference_step_in_fp32(kernel, n_ssm, pool):
     """The folded real-arithmetic recurrence gives the logits of `SashimiLM.step` (tested == forward)
-    to 1e-5 in fp32, over 64 steps (every pooling phase, the centre four times), for S4 and S4D."""
+    to 1e-5 in fp32, over 64 steps (every pooling phase, the centre several times), for S4 and S4D, for
+    two to four resolutions and for none (the centre alone)."""
     torch.manual_seed(0)
-    model = SashimiLM(d_model=8, n_layers=2, d_state=8, kernel=kernel, n_ssm=n_ssm).eval()
+    model = SashimiLM(d_model=8, n_layers=2, d_state=8, kernel=kernel, n_ssm=n_ssm, pool=pool).eval()
     tokens = torch.randint(0, 256, (3, 64))
     fast = _stepped_logits(model, tokens, Stepper(model, 3))
     reference = _stepped_logits(model, tokens, _reference_step(model, 3))
@@ -60,6 +62,23 @@ def test_compiled_generation_equals_eager_and_follows_weight_updates():
     torch.testing.assert_close(_stepped_logits(model, tokens, Stepper(model, 2, compile=True)),
                                _stepped_logits(model, tokens, Stepper(model, 2)), rtol=0, atol=1e-5)
     assert not torch.allclose(_stepped_logits(model, tokens, Stepper(model, 2)), eager)
+
+
+def test_compiled_stepper_does_not_recompile_while_stepping():
+    """Graphs are made for the batch, strides and thread count a `Stepper` steps with: strided token slices
+    (as `generate` passes them) and a changed torch thread count must not trigger a compile mid-generation."""
+    torch.manual_seed(0)
+    model = SashimiLM(d_model=4, n_layers=1, d_state=4, kernel="dplr", pool=(2,)).eval()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step = Stepper(model, 1, compile=True)
+        torch.set_num_threads(2)
+        tokens = torch.randint(0, 256, (1, 16))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            _stepped_logits(model, tokens, step)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_priming_and_log_likelihood(model):

@@ -177,6 +177,19 @@ def test_recurrence_form_equals_the_discrete_system(kind, kw):
     torch.testing.assert_close(dB, dB_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_ssm", [1, None])
+def test_dplr_recurrence_is_conjugate_symmetric(n_ssm):
+    """d, u, v, B̄ and the output row of the full DPLR state are [z, z̄] (stored half, then its conjugates),
+    with the trained parameters perturbed: the property that lets generation carry only the stored half."""
+    k = _kernel("dplr", n_ssm=n_ssm)
+    with torch.no_grad():
+        for p in k.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    n = k.d_state // 2
+    for z in (*k.recurrence(), k.output()):
+        torch.testing.assert_close(z[:, n:], z[:, :n].conj(), rtol=1e-12, atol=1e-12)
+
+
 def test_chunked_cauchy_sums_equal_one_block_forward_and_backward():
     """The DPLR kernel with its Cauchy sums in recomputed blocks equals the single-block computation."""
     one, chunked = _kernel("dplr", n_ssm=None), _kernel("dplr", n_ssm=None)
