@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=16000, help="training window (samples)")
     parser.add_argument("--batch", type=int, default=1, help="training batch")
     parser.add_argument("--batches", default="1,16,256", help="generation batch sizes")
-    parser.add_argument("--gen-steps", type=int, default=512, help="samples generated per measurement")
+    parser.add_argument("--gen-steps", type=int, default=2048, help="samples generated per measurement")
     parser.add_argument("--prefix", type=int, default=1024, help="prefix length of the naive baseline")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train-minutes", type=float, default=0.0, help="CPU-minute training budget (0: skip)")

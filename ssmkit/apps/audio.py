@@ -101,8 +101,8 @@ class GenerateConfig(AudioConfig):
     prime: str = option("", "WAV file whose first --prime-samples samples start every clip")
     prime_samples: int = option(0, "samples taken from --prime")
     gen_batch: int = option(16, "clips generated together")
-    compile: bool = option(False, "torch.compile the recurrent step first (about a minute per batch size on a "
-                                  "2-core CPU; then ~2x the samples/s: worth it for long or many clips)")
+    compile: bool = option(False, "torch.compile the recurrent step first (20-40 s per batch size on a 2-core "
+                                  "CPU; then 4-6x the samples/s: worth it for long or many clips)")
     output: str = option("", "folder for the WAV files, PNG and JSON (empty: out_dir/generate)")
 
     def validate(self) -> None:

@@ -262,7 +262,8 @@ def generate(model: SashimiLM, batch: int, length: int, temperature: float = 1.0
 def generation_threads(device: torch.device | str, batch: int, d_model: int) -> int:
     """CPU threads `generate` uses: one while the step's tensors are tiny (batch 1: with several, the per-op
     synchronisation costs more than the arithmetic), torch's setting from batch x width 1024 on (2-core CPU,
-    sashimi_sc09, batch 16: 2 threads gave 7,100 samples/s compiled and 4,100 eager, 1 thread 5,500 and 2,000)."""
+    sashimi_sc09, compiled: batch 1 made 3,620 samples/s on 1 thread and 3,480 on 2; batch 16 12,400 on 1
+    thread and 15,100 on 2)."""
     if torch.device(device).type == "cpu" and batch * d_model < 1024:
         return 1
     return torch.get_num_threads()
