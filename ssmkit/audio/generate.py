@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -183,11 +184,14 @@ def _stage_steps(model: SashimiLM, batch: int, compile: bool) -> list:
         del cache[key]
     key = (batch, torch.get_num_threads(), weights)
     if key not in cache:
+        from torch._inductor import select_algorithm  # imported on first compile only: it is slow to import
+
         stages = build()
         compiled = [torch.compile(stage, dynamic=False, fullgraph=True) for stage in stages]
-        # every stage of every batch size is one more graph of the same code: allow them all
+        # every stage of every batch size is one more graph of the same code: allow them all; and keep the
+        # autotuner's timing tables (inductor prints them to stderr, with no config switch) off the console
         with torch._dynamo.config.patch(recompile_limit=1 << 16), torch._inductor.config.patch(_COMPILE_OPTIONS), \
-                torch.no_grad():
+                mock.patch.object(select_algorithm, "PRINT_AUTOTUNE", False), torch.no_grad():
             for level, (stage, fn) in enumerate(zip(stages, compiled)):
                 fn(*_example_inputs(model, batch, level), stage.default_state(batch))
         cache[key] = compiled
