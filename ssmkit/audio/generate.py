@@ -130,9 +130,9 @@ class _StageStep(nn.Module):
     to the finer level as its next `pool` inputs, a (batch, pool, H_finer) queue. Returns (output, x, new
     states): the finer level buffers x for the next coarse step. Shares the model's modules."""
 
-    def __init__(self, layers: nn.ModuleList, entry: nn.Module, exit: nn.Module | None):
+    def __init__(self, layers: nn.ModuleList, entry: nn.Module, output: nn.Module):
         super().__init__()
-        self.layers, self.entry, self.exit = layers, entry, exit
+        self.layers, self.entry, self.output = layers, entry, output
         self.s4 = nn.ModuleList(_S4Recurrence(r.layer.s4) for r in layers if isinstance(r.layer, S4Block))
 
     def default_state(self, batch: int) -> list[torch.Tensor]:
@@ -152,15 +152,15 @@ class _StageStep(nn.Module):
             else:
                 h = h + residual.layer.net(z)
         h = h + stage_input
-        if isinstance(self.exit, UpPool):
-            return self.exit.linear(h).view(h.shape[0], self.exit.pool, -1), x, new_states
-        return self.exit(h), x, new_states
+        if isinstance(self.output, UpPool):
+            return self.output.linear(h).view(h.shape[0], self.output.pool, -1), x, new_states
+        return self.output(h), x, new_states
 
 
 # inductor on CPU: weights frozen into the graph (prepacked), small matmuls by its C++ GEMM template, which
 # avoids a library call per tiny matmul (2-3x faster steps at batch 1 than the default options)
 _COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(batch, weights): stages}
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(batch, threads, weights): stages}
 
 
 def _stage_steps(model: SashimiLM, batch: int, compile: bool) -> list:
