@@ -10,7 +10,7 @@ training codes (a model that learned nothing about time cannot beat it).
 `generate` samples --n-samples clips with the O(1)-per-sample recurrence (temperature, top-p, seed,
 priming from the start of a WAV file; --compile to torch.compile the step first) and writes WAV files,
 a waveform + mel-spectrogram PNG and the samples/s; `score` reports the NLL of every WAV file of a folder
-under trained weights.
+under trained weights. Both also take an official state-spaces/s4 checkpoint (--official sashimi_sc09.pt).
 The published SC09 model is `--d-model 64 --n-layers 8 --d-state 64 --kernel dplr --n-ssm 1`.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ssmkit.apps.report import ReportSection, Table
 from ssmkit.apps.runner import Application, Command, RunError, Runner, load_weights
 from ssmkit.audio.data import (IGNORE, AudioDataError, ClipWindows, decode, encode, load_digits, load_wav_folder, read_wav,
                                split_by_list, split_by_speaker, write_wav)
+from ssmkit.audio.checkpoints import CheckpointError, load_official_sashimi
 from ssmkit.audio.generate import generate as sample_model
 from ssmkit.audio.sashimi import SashimiConfig, SashimiLM
 
@@ -90,10 +91,28 @@ class AudioConfig(TrainConfig):
 
 
 @dataclass
-class GenerateConfig(AudioConfig):
-    """`ssmkit audio generate`: weights plus what to sample."""
+class TrainedModelConfig(AudioConfig):
+    """The weights `generate` and `score` run: ssmkit's own, or an official checkpoint."""
 
     weights: str = option("", "weights to load (empty: out_dir/best.safetensors, else out_dir/model.safetensors)")
+    official: str = option("", "official state-spaces/s4 SaShiMi checkpoint to load instead of --weights "
+                                "(a .pt state dict such as sashimi_sc09.pt, or a .ckpt); its sizes come from the "
+                                "file, so --d-model/--n-layers/... are ignored; the SC09 model expects 16 kHz "
+                                "8-bit mu-law")
+    official_dt: str = option("softplus", "dt transform of the --official file: softplus (V4 training configs) "
+                                          "or exp (V3 checkpoints converted with convert_v3_to_v4.py)",
+                              ("softplus", "exp"))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.weights and self.official:
+            raise ConfigError("give either --weights or --official, not both")
+
+
+@dataclass
+class GenerateConfig(TrainedModelConfig):
+    """`ssmkit audio generate`: weights plus what to sample."""
+
     n_samples: int = option(4, "clips to generate")
     length: int = option(16000, "samples per clip (including the primed ones)")
     temperature: float = option(1.0, "softmax temperature (0: greedy)")
@@ -118,10 +137,9 @@ class GenerateConfig(AudioConfig):
 
 
 @dataclass
-class ScoreConfig(AudioConfig):
+class ScoreConfig(TrainedModelConfig):
     """`ssmkit audio score`: NLL of every WAV file of a folder under trained weights."""
 
-    weights: str = option("", "weights to load (empty: out_dir/best.safetensors, else out_dir/model.safetensors)")
     score_dir: str = option("", "folder of WAV files to score (required)")
 
     def validate(self) -> None:
@@ -171,6 +189,11 @@ def _weights_path(cfg) -> Path:
 
 
 def _load_model(cfg) -> SashimiLM:
+    if cfg.official:
+        try:
+            return load_official_sashimi(cfg.official, cfg.official_dt)
+        except CheckpointError as error:
+            raise RunError(str(error)) from None
     model = SashimiLM(_model_config(cfg))
     load_weights(model, _weights_path(cfg))
     return model.eval()
@@ -363,7 +386,8 @@ def score(cfg: ScoreConfig, model: SashimiLM | None = None) -> dict:
             bits, count = bits + b.sum().item(), count + c.sum().item()
         files[name] = bits / count
         total_bits, total_count = total_bits + bits, total_count + count
-    result = {"files": files, "nll_bits": total_bits / total_count, "weights": str(_weights_path(cfg))}
+    result = {"files": files, "nll_bits": total_bits / total_count,
+              "weights": cfg.official or str(_weights_path(cfg))}
     out = Path(cfg.out_dir or "runs/audio")
     out.mkdir(parents=True, exist_ok=True)
     (out / "score.json").write_text(json.dumps(result, indent=2) + "\n")

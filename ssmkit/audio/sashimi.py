@@ -2,9 +2,10 @@
 
 Three resolutions (L, L/4, L/16 with pooling x4 and widths H, 2H, 4H): causal down-pooling, a centre
 stack, and up-pooling stages, each stage a stack of [S4 block, feed-forward block] residual pairs
-(pre-LayerNorm). The S4 block is S4 -> GELU -> Linear(H, 2H) -> GLU; the feed-forward block is
-Linear(H, 2H) -> GELU -> Linear(2H, H). Up-pooling shifts the coarse sequence right by one coarse
-step before spreading it over the fine steps, so fine output t only sees fine inputs <= t.
+(pre-LayerNorm, or with `norm="scalar"` the scalar norm of the official checkpoints). The S4 block is
+S4 -> GELU -> Linear(H, 2H) -> GLU; the feed-forward block is Linear(H, 2H) -> GELU -> Linear(2H, H).
+Up-pooling shifts the coarse sequence right by one coarse step before spreading it over the fine steps,
+so fine output t only sees fine inputs <= t.
 
 Every module has the same three-method recurrent interface (`setup_step()`, `default_state(batch)`,
 `step(x, state) -> (y, state)`), and `step` runs the very functions `forward` runs (one sample at a
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from ssmkit.core.s4 import S4Conv
 from ssmkit.registry import register_model
 
-__all__ = ["SashimiConfig", "S4Block", "FeedForward", "Residual", "DownPool", "UpPool", "Sashimi", "SashimiLM",
-           "sashimi_sc09", "sashimi_small"]
+__all__ = ["SashimiConfig", "S4Block", "FeedForward", "ScalarNorm", "Residual", "DownPool", "UpPool", "Sashimi",
+           "SashimiLM", "sashimi_sc09", "sashimi_small"]
 
 
 @dataclass
@@ -42,9 +43,12 @@ class SashimiConfig:
     n_classes: int = 256
     dt_min: float = 1e-3
     dt_max: float = 1e-1
+    norm: str = "layer"  # residual pre-norm: 'layer' (LayerNorm) or 'scalar' (ScalarNorm, official checkpoints)
 
     def __post_init__(self):
         self.pool = tuple(self.pool)
+        if self.norm not in ("layer", "scalar"):
+            raise ValueError(f"norm must be 'layer' or 'scalar', got {self.norm!r}")
         if any(p < 1 for p in self.pool) or self.d_model < 1 or self.n_layers < 0 or self.expand < 1:
             raise ValueError(f"invalid SashimiConfig {self}")
 
@@ -99,12 +103,26 @@ class FeedForward(nn.Module):
         return self.net(x), state
 
 
-class Residual(nn.Module):
-    """x + layer(LayerNorm(x)) (pre-norm)."""
+class ScalarNorm(nn.Module):
+    """y = (s/σ)·(x − μ + m) with μ, σ the mean and population std over the channels (last dim), no eps,
+    and two learned scalars m, s: the residual norm of the official SaShiMi checkpoints."""
 
-    def __init__(self, d_model: int, layer: nn.Module):
+    def __init__(self):
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.m = nn.Parameter(torch.zeros(1))
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std, mean = torch.std_mean(x, dim=-1, correction=0, keepdim=True)
+        return self.s / std * (x - mean + self.m)
+
+
+class Residual(nn.Module):
+    """x + layer(norm(x)) (pre-norm); norm 'layer' is a LayerNorm, 'scalar' a ScalarNorm."""
+
+    def __init__(self, d_model: int, layer: nn.Module, norm: str = "layer"):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model) if norm == "layer" else ScalarNorm()
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +196,8 @@ class UpPool(nn.Module):
 def _stage(d_model: int, cfg: SashimiConfig) -> nn.ModuleList:
     layers = []
     for _ in range(cfg.n_layers):
-        layers += [Residual(d_model, S4Block(d_model, cfg)), Residual(d_model, FeedForward(d_model, cfg))]
+        layers += [Residual(d_model, S4Block(d_model, cfg), cfg.norm),
+                   Residual(d_model, FeedForward(d_model, cfg), cfg.norm)]
     return nn.ModuleList(layers)
 
 

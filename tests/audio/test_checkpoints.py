@@ -1,0 +1,176 @@
+"""Official SaShiMi checkpoints: an official-layout state dict written here from an ssmkit model by an
+independent inverse mapping (weight-norm split, (channel, sample) pool order, C̃ = C(I − Āᴸ), inv_dt under
+both transforms, leading singleton dims) must load back to the same logits."""
+import math
+
+import pytest
+import torch
+
+from ssmkit.audio.checkpoints import CheckpointError, convert_official_sashimi, load_official_sashimi
+from ssmkit.audio.sashimi import SashimiLM, ScalarNorm
+
+
+def _tiny(norm="scalar", n_ssm=1, seed=0):
+    torch.manual_seed(seed)
+    model = SashimiLM(d_model=4, n_layers=1, d_state=4, kernel="dplr", n_ssm=n_ssm, norm=norm).double()
+    with torch.no_grad():  # move every parameter off its initial value (norm scalars, biases, ...)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _official(model, dt_transform="softplus", lengths=(12, 0)):
+    """The state dict the official code would hold for `model` (keys of state-spaces/s4, V4 layout)."""
+    out = {"encoder.0.weight": model.embedding.weight, "decoder.0.output_transform.weight": model.head.weight,
+           "decoder.0.output_transform.bias": model.head.bias, "model.norm.weight": model.backbone.norm.weight,
+           "model.norm.bias": model.backbone.norm.bias}
+
+    def weight_norm(prefix, w):
+        scale = torch.rand(w.shape[0], 1, dtype=w.dtype) + 0.5  # v is any positive multiple of each row
+        out[f"{prefix}.weight_g"] = w.norm(dim=1, keepdim=True)
+        out[f"{prefix}.weight_v"] = w * scale
+
+    for i, pool in enumerate(model.backbone.down):
+        w, p = pool.linear.weight, pool.pool
+        h = w.shape[1] // p
+        official = torch.empty_like(w)
+        for c in range(h):
+            for s in range(p):
+                official[:, c * p + s] = w[:, s * h + c]  # official column (channel, sample)
+        weight_norm(f"model.d_layers.{i}.linear", official)
+        out[f"model.d_layers.{i}.linear.bias"] = pool.linear.bias
+    for k, pool in enumerate(model.backbone.up):
+        w, b, p, d = pool.linear.weight, pool.linear.bias, pool.pool, pool.d_out
+        rows = [s * d + c for c in range(d) for s in range(p)]  # official row c·p + s holds ssmkit row s·d + c
+        weight_norm(f"model.u_layers.{k}.0.linear", w[rows])
+        out[f"model.u_layers.{k}.0.linear.bias"] = b[rows]
+
+    blocks = [(layer, f"model.c_layers.{j}") for j, layer in enumerate(model.backbone.center)]
+    for k, stage in enumerate(model.backbone.up_stages):
+        blocks += [(layer, f"model.u_layers.{k}.{j + 1}") for j, layer in enumerate(stage)]
+    for j, (block, key) in enumerate(blocks):
+        if isinstance(block.norm, ScalarNorm):
+            out[f"{key}.norm.norm.m"], out[f"{key}.norm.norm.s"] = block.norm.m, block.norm.s
+        else:
+            out[f"{key}.norm.norm.ln.weight"], out[f"{key}.norm.norm.ln.bias"] = block.norm.weight, block.norm.bias
+        if j % 2:
+            net = block.layer.net
+            out.update({f"{key}.layer.ff.0.0.weight": net[0].weight, f"{key}.layer.ff.0.0.bias": net[0].bias,
+                        f"{key}.layer.ff.2.weight": net[3].weight, f"{key}.layer.ff.2.bias": net[3].bias})
+            continue
+        s4, kernel = block.layer.s4, block.layer.s4.kernel
+        dt = kernel.log_dt.exp()
+        inv_dt = torch.log(torch.expm1(dt)) if dt_transform == "softplus" else torch.log(dt)
+        length = lengths[(j // 2) % len(lengths)]
+        c_full = kernel.output() * 2  # [C, C̄]
+        if length:
+            dA = kernel.discrete()[0]
+            power = torch.eye(dA.shape[-1], dtype=dA.dtype).expand_as(dA)
+            for _ in range(length):
+                power = power @ dA
+            c_full = c_full - torch.einsum("hn,hnm->hm", c_full, power)
+        c_tilde = c_full[:, : kernel.d_state // 2]
+        out.update({f"{key}.layer.layer.kernel.inv_dt": inv_dt[:, None],
+                    f"{key}.layer.layer.kernel.A_real": kernel.log_A_real,
+                    f"{key}.layer.layer.kernel.A_imag": kernel.A_imag,
+                    f"{key}.layer.layer.kernel.B": kernel.B[None], f"{key}.layer.layer.kernel.P": kernel.P[None],
+                    f"{key}.layer.layer.kernel.C": torch.view_as_real(c_tilde)[None],
+                    f"{key}.layer.layer.kernel.l_kernel": torch.tensor(length),
+                    f"{key}.layer.layer.D": s4.D[None],
+                    f"{key}.layer.output_linear.0.weight": block.layer.output_linear.weight,
+                    f"{key}.layer.output_linear.0.bias": block.layer.output_linear.bias})
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("dt_transform", ["softplus", "exp"])
+@pytest.mark.parametrize("norm,n_ssm", [("scalar", 1), ("layer", None)])
+def test_official_layout_loads_back_to_the_same_logits(dt_transform, norm, n_ssm):
+    model = _tiny(norm, n_ssm)
+    tokens = torch.randint(0, 256, (2, 32))
+    loaded = convert_official_sashimi(_official(model, dt_transform), dt_transform).eval()
+    assert loaded.cfg == model.cfg
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=1e-5)
+
+
+def test_the_wrong_dt_transform_or_a_missing_c_correction_changes_the_logits():
+    model = _tiny()
+    tokens = torch.randint(0, 256, (1, 32))
+    state = _official(model, "softplus")
+    with torch.no_grad():
+        reference = model(tokens)
+        assert (convert_official_sashimi(state, "exp")(tokens) - reference).abs().max() > 1e-4  # test tolerance: 1e-5
+        state["model.c_layers.0.layer.layer.kernel.l_kernel"] = torch.tensor(0)  # C̃ taken for C
+        assert (convert_official_sashimi(state, "softplus")(tokens) - reference).abs().max() > 1e-4
+
+
+def test_files_lightning_checkpoints_and_float32(tmp_path):
+    model = _tiny()
+    state = _official(model)
+    torch.save({k: v.float() for k, v in state.items()}, tmp_path / "sashimi.pt")
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "last.ckpt")
+    tokens = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        reference = model(tokens).float()
+        for name in ("sashimi.pt", "last.ckpt"):
+            loaded = load_official_sashimi(tmp_path / name)
+            assert not loaded.training and loaded.head.weight.dtype == torch.float32
+            torch.testing.assert_close(loaded(tokens), reference, rtol=0, atol=1e-4)
+
+
+def test_bad_checkpoints_name_the_file_and_the_key(tmp_path):
+    state = _official(_tiny())
+    missing = dict(state)
+    del missing["model.u_layers.1.1.layer.layer.kernel.P"]
+    torch.save(missing, tmp_path / "missing.pt")
+    key = r"'model\.u_layers\.1\.1\.layer\.layer\.kernel\.P'"
+    with pytest.raises(CheckpointError, match=r"missing\.pt: missing key " + key):
+        load_official_sashimi(tmp_path / "missing.pt")
+    wrong = dict(state)
+    wrong["model.c_layers.1.layer.ff.2.bias"] = torch.zeros(5)
+    with pytest.raises(CheckpointError, match=r"'model\.c_layers\.1\.layer\.ff\.2\.bias' has shape \(5,\)"):
+        load_official_sashimi(wrong)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['model\.extra'\]"):
+        load_official_sashimi({**state, "model.extra": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_official_sashimi(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk\.pt: not a tensors-only torch file"):
+        load_official_sashimi(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="V3"):
+        load_official_sashimi({"model.c_layers.0.layer.kernel.kernel.log_dt": torch.zeros(4)})
+
+
+def test_channel_interleaved_state_sharing_is_refused():
+    state = _official(_tiny(n_ssm=1))
+    for key in [k for k in state if k.endswith(("A_real", "A_imag"))]:
+        state[key] = state[key].repeat(2, 1)
+    for key in [k for k in state if k.endswith((".B", ".P"))]:
+        state[key] = state[key].repeat(1, 2, 1, 1)
+    with pytest.raises(CheckpointError, match="n_ssm = 2"):
+        load_official_sashimi(state)
+
+
+def test_scalar_norm_is_the_direct_formula():
+    norm = ScalarNorm().double()
+    with torch.no_grad():
+        norm.m.fill_(0.3)
+        norm.s.fill_(1.7)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    for row in x.reshape(-1, 6):
+        mean = row.sum() / 6
+        std = math.sqrt(((row - mean) ** 2).sum() / 6)  # population std, no eps
+        torch.testing.assert_close(norm(row[None])[0], 1.7 / std * (row - mean + 0.3))
+
+
+def test_step_equals_forward_with_the_scalar_norm():
+    model = _tiny("scalar")
+    tokens = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        logits = model(tokens)
+        model.setup_step()
+        state, steps = model.default_state(2), []
+        for t in range(48):
+            out, state = model.step(tokens[:, t], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=0, atol=1e-10)
