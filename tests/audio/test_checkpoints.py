@@ -1,11 +1,14 @@
 """Official SaShiMi checkpoints: an official-layout state dict written here from an ssmkit model by an
 independent inverse mapping (weight-norm split, (channel, sample) pool order, C̃ = C(I − Āᴸ), inv_dt under
 both transforms, leading singleton dims) must load back to the same logits."""
+import json
 import math
 
 import pytest
+import soundfile as sf
 import torch
 
+import ssmkit.apps.cli as cli
 from ssmkit.audio.checkpoints import CheckpointError, convert_official_sashimi, load_official_sashimi
 from ssmkit.audio.sashimi import SashimiLM, ScalarNorm
 
@@ -174,3 +177,29 @@ def test_step_equals_forward_with_the_scalar_norm():
             out, state = model.step(tokens[:, t], state)
             steps.append(out)
     torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=0, atol=1e-10)
+
+
+def test_cli_generate_and_score_run_an_official_checkpoint(tmp_path, monkeypatch, capsys):
+    """`ssmkit audio generate|score --official FILE`: the file's model samples and scores (its sizes come from
+    the file, not the size options); a bad file is a one-line error naming it; --weights with it is refused."""
+    monkeypatch.setattr(cli, "APPLICATIONS", ("ssmkit.apps.audio",))
+    model = _tiny()
+    torch.save({k: v.float() for k, v in _official(model).items()}, tmp_path / "sashimi.pt")
+    out = tmp_path / "gen"
+    assert cli.main(["audio", "generate", "--official", str(tmp_path / "sashimi.pt"), "--n-samples", "2",
+                     "--length", "32", "--output", str(out), "--out-dir", str(tmp_path)]) == 0
+    record = json.loads((out / "generate.json").read_text())
+    assert len(record["wavs"]) == 2 and sf.read(record["wavs"][0])[0].shape == (32,)
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    sf.write(str(wavs / "a.wav"), torch.sin(torch.arange(400) / 5.0).numpy() * 0.3, 16000, subtype="PCM_16")
+    assert cli.main(["audio", "score", "--official", str(tmp_path / "sashimi.pt"), "--score-dir", str(wavs),
+                     "--out-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "score.json").read_text())["weights"] == str(tmp_path / "sashimi.pt")
+
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert cli.main(["audio", "score", "--official", str(tmp_path / "broken.pt"), "--score-dir", str(wavs)]) == 1
+    assert "broken.pt" in capsys.readouterr().err
+    assert cli.main(["audio", "score", "--official", str(tmp_path / "sashimi.pt"), "--weights", "w.safetensors",
+                     "--score-dir", str(wavs)]) == 2
