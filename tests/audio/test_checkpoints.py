@@ -166,19 +166,6 @@ def test_scalar_norm_is_the_direct_formula():
         torch.testing.assert_close(norm(row[None])[0], 1.7 / std * (row - mean + 0.3))
 
 
-def test_step_equals_forward_with_the_scalar_norm():
-    model = _tiny("scalar")
-    tokens = torch.randint(0, 256, (2, 48))
-    with torch.no_grad():
-        logits = model(tokens)
-        model.setup_step()
-        state, steps = model.default_state(2), []
-        for t in range(48):
-            out, state = model.step(tokens[:, t], state)
-            steps.append(out)
-    torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=0, atol=1e-10)
-
-
 def test_cli_generate_and_score_run_an_official_checkpoint(tmp_path, monkeypatch, capsys):
     """`ssmkit audio generate|score --official FILE`: the file's model samples and scores (its sizes come from
     the file, not the size options); a bad file is a one-line error naming it; --weights with it is refused."""

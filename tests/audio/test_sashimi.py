@@ -59,9 +59,10 @@ def test_step_equals_forward_for_the_language_model(kernel, glu):
     torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=0, atol=1e-10)
 
 
-def test_step_equals_forward_in_fp32_and_after_a_weight_update():
+@pytest.mark.parametrize("norm", ["layer", "scalar"])
+def test_step_equals_forward_in_fp32_and_after_a_weight_update(norm):
     torch.manual_seed(0)
-    model = SashimiLM(d_model=8, n_layers=1, d_state=8, kernel="s4d", n_ssm=None)
+    model = SashimiLM(d_model=8, n_layers=1, d_state=8, kernel="s4d", n_ssm=None, norm=norm)
     tokens = torch.randint(0, 256, (1, 32))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     F.cross_entropy(model(tokens).transpose(1, 2), tokens).backward()
