@@ -16,6 +16,14 @@ def _kernel(kind, seed=0, **kw):
     return S4DKernel(3, 8, **kw).double()
 
 
+def _assert_same_grads(actual, actual_module, expected, expected_module, **tolerance):
+    """The gradients of one random projection of `actual` and of `expected` w.r.t. their modules' parameters agree."""
+    w = torch.randn_like(expected)
+    for a, e in zip(torch.autograd.grad((actual * w).sum(), list(actual_module.parameters())),
+                    torch.autograd.grad((expected * w).sum(), list(expected_module.parameters()))):
+        torch.testing.assert_close(a, e, **tolerance)
+
+
 CASES = [("s4d", dict(init="lin", disc="zoh")), ("s4d", dict(init="inv", disc="bilinear")),
          ("s4d", dict(init="lin", disc="zoh", n_ssm=1)), ("dplr", dict()), ("dplr", dict(n_ssm=None))]
 
@@ -28,11 +36,7 @@ def test_kernel_equals_powers_of_the_state_matrix_forward_and_backward(kind, kw,
         k.log_dt.uniform_(math.log(0.05), math.log(0.5))
     fast, ref = k(length), kernel_reference(k, length)
     torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11)
-    w = torch.randn_like(fast)
-    g_fast = torch.autograd.grad((fast * w).sum(), list(k.parameters()))
-    g_ref = torch.autograd.grad((ref * w).sum(), list(k.parameters()))
-    for a, b in zip(g_fast, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    _assert_same_grads(fast, k, ref, k, rtol=1e-8, atol=1e-10)
 
 
 def test_s4d_kernel_of_constant_parameters_equals_the_closed_form():
@@ -196,11 +200,7 @@ def test_chunked_cauchy_sums_equal_one_block_forward_and_backward():
     one.chunk, chunked.chunk = 0, 3
     k1, k2 = one(20), chunked(20)
     torch.testing.assert_close(k2, k1, rtol=1e-13, atol=1e-14)
-    w = torch.randn_like(k1)
-    g1 = torch.autograd.grad((k1 * w).sum(), list(one.parameters()))
-    g2 = torch.autograd.grad((k2 * w).sum(), list(chunked.parameters()))
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+    _assert_same_grads(k2, chunked, k1, one, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="chunk must be"):
         DPLRKernel(2, 4, chunk=-1)
 
