@@ -2,10 +2,10 @@
 from ssmkit.core.convssm import ConvS5Layer, convssm_scan, convssm_step, hippo_n_init
 from ssmkit.core.gla import gla, gla_step
 from ssmkit.core.mamba import (FlipOrder, Mamba, MambaBlock, MambaCache, MambaLM, RMSNorm, SequenceOrder,
-                               StridedOrder)
+                               StridedOrder, causal_conv1d)
 from ssmkit.core.scan import linear_scan, selective_scan, selective_state_update
 from ssmkit.core.scan2d import Mamba2D, selective_scan_2d
 
 __all__ = ["selective_scan", "selective_state_update", "linear_scan", "selective_scan_2d", "Mamba2D",
            "convssm_scan", "convssm_step", "hippo_n_init", "ConvS5Layer", "gla", "gla_step", "Mamba", "MambaBlock", "MambaCache",
-           "MambaLM", "RMSNorm", "SequenceOrder", "FlipOrder", "StridedOrder"]
+           "MambaLM", "RMSNorm", "SequenceOrder", "FlipOrder", "StridedOrder", "causal_conv1d"]

@@ -23,6 +23,7 @@ from ssmkit.core.scan import selective_scan, selective_state_update
 __all__ = [
     "SequenceOrder",
     "FlipOrder",
+    "causal_conv1d",
     "StridedOrder",
     "MambaCache",
     "Mamba",
@@ -124,6 +125,27 @@ class StridedOrder(SequenceOrder):
 
 # ----------------------------------------------------------------------------------------------------
 # The mixer
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  reverse: bool = False) -> torch.Tensor:
+    """Depthwise causal convolution: y[:, d, t] = bias[d] + sum_k weight[d, k] x[:, d, t - (K-1) + k].
+
+    x: (batch, dim, L), any strides; weight: (dim, 1, K) (an `nn.Conv1d(groups=dim)` weight) or (dim, K).
+    reverse: anti-causal, y[:, d, t] = bias[d] + sum_k weight[d, k] x[:, d, t + (K-1) - k], i.e. the causal
+    convolution of the flipped sequence, flipped back. Written as K shifted multiply-adds over the
+    channel-last (batch, L, dim) layout, which on CPU runs several times faster than a grouped conv1d
+    with one channel per group; the result is a channel-last (batch, dim, L) view.
+    """
+    w = weight.reshape(weight.shape[0], -1).t().contiguous()  # (K, dim)
+    K, L = w.shape[0], x.shape[-1]
+    xp = F.pad(x.transpose(1, 2), (0, 0, 0, K - 1) if reverse else (0, 0, K - 1, 0))  # (batch, L + K - 1, dim)
+    taps = [xp[:, K - 1 - k: K - 1 - k + L] for k in range(K)] if reverse else [xp[:, k: k + L] for k in range(K)]
+    y = taps[0] * w[0] if bias is None else torch.addcmul(bias, taps[0], w[0])
+    for k in range(1, K):
+        y = y.addcmul_(taps[k], w[k])
+    return y.transpose(1, 2)
+
 
 
 @dataclass
@@ -238,16 +260,18 @@ class Mamba(nn.Module):
                                           bias=conv_bias, **factory))
         add_ssm_parameters(self, names[1:], e, self.d_state, self.dt_rank, factory=factory, **init)
 
-    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, names) -> torch.Tensor:
-        """One direction over x, z (batch, d_inner, L): conv + SiLU, x_proj, dt_proj weight, gated scan."""
+    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, names, reverse: bool = False) -> torch.Tensor:
+        """One direction over x, z (batch, d_inner, L): conv + SiLU, x_proj, dt_proj weight, gated scan.
+        reverse: the direction run over the flipped sequence, computed in place (anti-causal conv, scan
+        from the end) with its output in the original order."""
         conv, x_proj, dt_proj, a_log, d = (getattr(self, name) for name in names)
-        length = x.shape[-1]
-        x = F.silu(conv(x)[..., :length])
+        x = F.silu(causal_conv1d(x, conv.weight, conv.bias, reverse=reverse))
         dt, b, c = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)
         return selective_scan(
             x, delta, -torch.exp(a_log.float()), b.transpose(1, 2), c.transpose(1, 2),
-            D=d.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
+            D=d.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
+            backend=self.backend,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,12 +281,13 @@ class Mamba(nn.Module):
             )
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)
         y = self._scan_direction(xs, z, _FWD)
-        if self.branch_order is not None:
-            order = self.branch_order
-            y_b = self._scan_direction(order.gather(xs), order.gather(z), _BWD)
-            y = y + order.scatter(y_b, xs.shape[-1])
-            if self.divide_out:
-                y = y / 2
+        order = self.branch_order
+        if isinstance(order, FlipOrder):  # no reordering needed: the flipped direction is a reverse scan
+            y = y + self._scan_direction(xs, z, _BWD, reverse=True)
+        elif order is not None:
+            y = y + order.scatter(self._scan_direction(order.gather(xs), order.gather(z), _BWD), xs.shape[-1])
+        if order is not None and self.divide_out:
+            y = y * 0.5
         return self.out_proj(y.transpose(1, 2))
 
     def allocate_cache(self, batch: int, dtype=None, device=None) -> MambaCache:

@@ -5,9 +5,10 @@
     y_t = sum_n C_t[n] h_t[n] + D * u_t ;   y *= silu(z)  when z is given
 
 Same layouts and semantics as mamba_ssm's `selective_scan_fn`, plus `initial_state`, a differentiable
-last state, `reverse` and packed sequences (`seq_idx`). Three backends compute the same function:
-"ref" (a plain loop over time, the oracle), "chunked" (parallel pure PyTorch, the CPU default) and
-"triton" (GPU kernels in ssmkit.kernels). The state and all accumulation are fp32 (fp64 for fp64 inputs).
+last state, `reverse` and packed sequences (`seq_idx`). Four backends compute the same function:
+"ref" (a plain loop over time, the oracle), "chunked" (parallel pure PyTorch), "cpu" (fused C kernels
+compiled at first use, the CPU default where a C compiler is found) and "triton" (GPU kernels); the
+last two live in ssmkit.kernels. The state and all accumulation are fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["selective_scan", "selective_state_update", "linear_scan", "BACKENDS"]
 
-BACKENDS = ("ref", "chunked", "triton")
+BACKENDS = ("ref", "chunked", "cpu", "triton")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,14 +105,24 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx
 def _pick_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     name = backend or os.environ.get("SSMKIT_BACKEND") or None
     if name is None:  # the Triton kernels compute in fp32, so fp64 stays on the PyTorch path
-        fast = device.type == "cuda" and dtype != torch.float64 and _triton_ready(device)
-        return "triton" if fast else "chunked"
+        if device.type == "cuda":
+            return "triton" if dtype != torch.float64 and _triton_ready(device) else "chunked"
+        return "cpu" if device.type == "cpu" and _cpu_ready() else "chunked"
     if name not in BACKENDS:
         raise ValueError(f"selective_scan: unknown backend {name!r}; choose one of {BACKENDS}")
     if name == "triton" and not _triton_ready(device):
         raise RuntimeError(f"selective_scan: the triton backend is not available for device {device} "
                            "(needs a CUDA device and the triton package, or TRITON_INTERPRET=1 for CPU tests)")
+    if name == "cpu" and not (device.type == "cpu" and _cpu_ready()):
+        raise RuntimeError(f"selective_scan: the cpu backend is not available for device {device} "
+                           "(needs CPU tensors and a C compiler: $CC or cc)")
     return name
+
+
+def _cpu_ready() -> bool:
+    from ssmkit.kernels.cpu import available
+
+    return available()
 
 
 def _triton_ready(device: torch.device) -> bool:
@@ -149,14 +160,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     or time-invariant (dim, d_state). D, delta_bias: (dim,). initial_state: (batch, dim, d_state).
     reverse: scan from the last position to the first. seq_idx: (batch, length) ints; the state resets
     where it changes (packed variable-length sequences). backend: "ref", "chunked", "triton" or None
-    (fastest available; the SSMKIT_BACKEND environment variable overrides None).
+    (fastest available: "triton" on CUDA, "cpu" on CPU, else "chunked"; the SSMKIT_BACKEND environment
+    variable overrides None).
     Returns y (dtype of u), or (y, last_state) with last_state (batch, dim, d_state), differentiable,
     in fp32 (fp64 when u is fp64).
     """
     B, C = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     name = _pick_backend(backend, u.device, u.dtype)
     cd = _compute_dtype(u)
-    if name == "triton":
+    if name == "cpu":
+        from ssmkit.kernels.cpu import selective_scan_cpu
+
+        y, last = selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse,
+                                     seq_idx, cd)
+        y = y.to(u.dtype)
+    elif name == "triton":
         from ssmkit.kernels.selective_scan import selective_scan_triton
 
         y, last = selective_scan_triton(u, delta, A.to(cd), B, C, _opt(D, cd), z, _opt(delta_bias, cd),
@@ -190,8 +208,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
     x, dt, z: (batch, dim). A: (dim, d_state). B, C: (batch, d_state) or (batch, groups, d_state).
     D, dt_bias: (dim,). Returns y (batch, dim) in the dtype of x; equal to one position of
-    `selective_scan` continued from `state`. backend: "triton" runs the fused GPU kernel; any other
-    choice runs the PyTorch code below (fp32, or fp64 when the state or x is fp64).
+    `selective_scan` continued from `state`. backend: "triton" and "cpu" run the fused kernels; "ref"
+    and "chunked" the PyTorch code below (fp32, or fp64 when the state or x is fp64).
     """
     for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A)):
         _check_float(name, t)
@@ -214,10 +232,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     B, C = groups
     _check_vector("D", D, dim)
     _check_vector("dt_bias", dt_bias, dim)
-    if _pick_backend(backend, state.device, x.dtype) == "triton":
+    name = _pick_backend(backend, state.device, x.dtype)
+    if name == "triton":
         from ssmkit.kernels.selective_scan import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if name == "cpu":
+        from ssmkit.kernels.cpu import selective_state_update_cpu
+
+        return selective_state_update_cpu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
     step = dt.to(cd)
     if dt_bias is not None:

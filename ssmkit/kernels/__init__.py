@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["triton_available", "interpreting", "deterministic"]
+__all__ = ["triton_available", "interpreting", "deterministic", "as_time_invariant"]
 
 # looked up once (cheap: finds the package without importing it); also keeps importlib out of
 # torch.compile traces of code that asks for the backend
@@ -39,3 +39,16 @@ def deterministic() -> bool:
     import torch
 
     return torch.are_deterministic_algorithms_enabled()
+
+
+def as_time_invariant(X, dim: int, N: int):
+    """A (batch, dim, N, L) stride-0 expansion of a (dim, N) tensor (how core passes time-invariant
+    B/C) -> that (dim, N) tensor, so the kernels read it once and autograd reaches it directly;
+    anything else is returned as it is."""
+    if (X.dim() == 4 and X.shape[1] == dim and (X.stride(0) == 0 or X.shape[0] == 1)
+            and (X.stride(3) == 0 or X.shape[3] == 1)):
+        base = X._base
+        if (base is not None and base.dim() == 2 and tuple(base.shape) == (dim, N)
+                and base.data_ptr() == X.data_ptr() and base.stride() == (X.stride(1), X.stride(2))):
+            return base
+    return X

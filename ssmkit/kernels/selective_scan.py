@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmkit.kernels import deterministic, interpreting
+from ssmkit.kernels import as_time_invariant, deterministic, interpreting
 from ssmkit.kernels._common import _channel_block, _grad_row, _dt, _softplus, _softplus_grad
 from ssmkit.kernels._scan_assoc import assoc_bwd, assoc_fwd
 
@@ -958,18 +958,6 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 # entry points (called by ssmkit.core.scan)
 
 
-def _as_time_invariant(X: torch.Tensor, dim: int, N: int) -> torch.Tensor:
-    """A (batch, dim, N, L) stride-0 expansion of a (dim, N) tensor (how core passes time-invariant
-    B/C) -> that (dim, N) tensor, so the kernels read it once and autograd reaches it directly."""
-    if (X.dim() == 4 and X.shape[1] == dim and (X.stride(0) == 0 or X.shape[0] == 1)
-            and (X.stride(3) == 0 or X.shape[3] == 1)):
-        base = X._base
-        if (base is not None and base.dim() == 2 and tuple(base.shape) == (dim, N)
-                and base.data_ptr() == X.data_ptr() and base.stride() == (X.stride(1), X.stride(2))):
-            return base
-    return X
-
-
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, seq_idx):
     """Triton selective scan. u, delta, z: (batch, dim, L); A: (dim, N) fp32; B, C: (batch, G, N, L)
     (any strides) or time-invariant (dim, N) (a stride-0 expansion of a (dim, N) tensor is recognised);
@@ -977,8 +965,8 @@ def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, i
     int or None. Returns (y (batch, dim, L) in u's dtype, last_state (batch, dim, N) fp32); both
     differentiable."""
     dim, N = A.shape
-    B = B.unsqueeze(1) if B.dim() == 3 else _as_time_invariant(B, dim, N)
-    C = C.unsqueeze(1) if C.dim() == 3 else _as_time_invariant(C, dim, N)
+    B = B.unsqueeze(1) if B.dim() == 3 else as_time_invariant(B, dim, N)
+    C = C.unsqueeze(1) if C.dim() == 3 else as_time_invariant(C, dim, N)
     p = plan(u, delta, z, A, B, C)
     out, last, _ = torch.ops.ssmkit.selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus), bool(reverse),

@@ -14,6 +14,7 @@ from ssmkit.core.mamba import (
     RMSNorm,
     SequenceOrder,
     StridedOrder,
+    causal_conv1d,
 )
 from ssmkit.core.scan import selective_scan
 
@@ -231,6 +232,32 @@ def test_lm_step_matches_forward_and_init():
     assert 0.9 * bound < w.abs().max() <= bound
     dt = F.softplus(big.layers[1].mixer.dt_proj.bias)
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the causal convolution
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_causal_conv1d_matches_grouped_conv1d(reverse, bias):
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 9, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 1, 4, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_() if bias else None
+    x = base.requires_grad_().transpose(1, 2)[:, :6]  # a non-contiguous (batch, dim, L) view, as in Mamba
+
+    def grouped(x, w, b):  # causal on the (flipped) sequence, as a depthwise nn.Conv1d computes it
+        x = x.flip(-1) if reverse else x
+        y = F.conv1d(x, w, b, padding=3, groups=6)[..., :9]
+        return y.flip(-1) if reverse else y
+
+    got, want = causal_conv1d(x, w, b, reverse=reverse), grouped(x, w, b)
+    torch.testing.assert_close(got, want)
+    probe = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    inputs = [base, w] + ([b] if bias else [])
+    for a, e in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((want * probe).sum(), inputs)):
+        torch.testing.assert_close(a, e)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ssmkit.core.scan import _reset_gate, chunked_scan, selective_scan, selective_state_update
 
-CPU_BACKENDS = ["ref", "chunked"]
+CPU_BACKENDS = ["ref", "chunked", "cpu"]
 f64 = torch.float64
 
 
@@ -173,8 +173,9 @@ def test_split_scan_with_initial_state_equals_whole(backend, reverse):
     torch.testing.assert_close(s2, last)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_state_update_steps_equal_scan(groups):
+def test_state_update_steps_equal_scan(groups, backend):
     x = make_inputs(2, 4, 23, 8, groups, dtype=f64)
     y, last = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True,
                              True, initial_state=x["h0"], backend="ref")
@@ -182,7 +183,7 @@ def test_state_update_steps_equal_scan(groups):
     Bt = x["B"] if groups > 1 else x["B"][:, None]
     Ct = x["C"] if groups > 1 else x["C"][:, None]
     steps = [selective_state_update(state, x["u"][..., t], x["delta"][..., t], x["A"], Bt[..., t], Ct[..., t], x["D"],
-                                    x["z"][..., t], x["delta_bias"], True) for t in range(23)]
+                                    x["z"][..., t], x["delta_bias"], True, backend=backend) for t in range(23)]
     torch.testing.assert_close(torch.stack(steps, -1), y)
     torch.testing.assert_close(state, last)
 
@@ -238,12 +239,13 @@ def test_output_dtype_and_fp32_state(dtype):
     torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
 
 
-def test_extreme_values_stay_finite():
+@pytest.mark.parametrize("backend", ["chunked", "cpu"])
+def test_extreme_values_stay_finite(backend):
     x = make_inputs(1, 4, 4096, 16)
     delta = torch.cat([torch.full((1, 2, 4096), 40.0), torch.full((1, 2, 4096), 1e-6)], 1)  # softplus > 20 branch; tiny steps
     A = x["A"] * 1e3  # exp(dt A) underflows to exactly 0
     leaves = [t.clone().requires_grad_() for t in (x["u"], delta, A, x["B"], x["C"])]
-    y = selective_scan(*leaves, delta_softplus=True, backend="chunked")
+    y = selective_scan(*leaves, delta_softplus=True, backend=backend)
     y.sum().backward()
     assert torch.isfinite(y).all() and all(torch.isfinite(t.grad).all() for t in leaves)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ssmkit.core.scan import selective_scan, selective_state_update
-from ssmkit.kernels import triton_available
+from ssmkit.kernels import as_time_invariant, triton_available
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -215,9 +215,9 @@ def test_time_invariant_expanded_view_is_read_once():
     must see the (dim, N) tensor (no (batch, dim, N, L) gradient)."""
     Bc = torch.randn(32, 4, device=DEV)
     view = Bc.unsqueeze(0).unsqueeze(-1).expand(2, 32, 4, 9)
-    assert ks._as_time_invariant(view, 32, 4) is Bc
+    assert as_time_invariant(view, 32, 4) is Bc
     dense = view.contiguous()
-    assert ks._as_time_invariant(dense, 32, 4) is dense
+    assert as_time_invariant(dense, 32, 4) is dense
 
 
 def test_state_update_matches_reference():

@@ -1,0 +1,314 @@
+/* The selective-scan kernels for one scalar type; included by scan.c with T, SFX, EXP and LOG1P set. */
+
+#define AT(p, s, b, d, t) ((p)[(b) * (s)[0] + (d) * (s)[1] + (t) * (s)[2]])
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE T SFX(sigmoid)(T x) { return (T)1 / ((T)1 + EXP(-x)); }
+
+/* dt from x = delta + bias; *slope = d dt / d x (softplus' = sigmoid below PyTorch's threshold of 20) */
+INLINE T SFX(step_size)(T x, int64_t softplus, T *slope) {
+    if (!softplus) {
+        *slope = 1;
+        return x;
+    }
+    const T e = EXP(x < (T)20 ? x : (T)20);
+    *slope = x > (T)20 ? (T)1 : e / ((T)1 + e);
+    return x > (T)20 ? x : LOG1P(e);
+}
+
+/* Where an item's B (or C) rows start: its group's rows (time-varying; the item's channels share them)
+   or the time-invariant row of its first channel */
+INLINE const T *SFX(bc_base)(const T *X, const int64_t *s, int64_t var, int64_t dpg, int64_t b, int64_t d0) {
+    return var ? X + b * s[0] + (d0 / dpg) * s[1] : X + d0 * s[1];
+}
+
+/* The row of the item's channel c at time t */
+INLINE const T *SFX(bc_row)(const T *base, const int64_t *s, int64_t var, int64_t c, int64_t t) {
+    return var ? base + t * s[2] : base + c * s[1];
+}
+
+INLINE int64_t SFX(position)(const ssm_args *a, int64_t s) { return a->reverse ? a->L - 1 - s : s; }
+
+/* 0 where scan step s starts a new packed sequence (the state resets), else 1 */
+INLINE T SFX(keep)(const ssm_args *a, const int64_t *seq, int64_t s) {
+    if (!seq || s == 0) return 1;
+    return seq[SFX(position)(a, s)] != seq[SFX(position)(a, s - 1)] ? (T)0 : (T)1;
+}
+
+/* The per-position inputs of scan steps s0 .. s0+m-1 of channels d0 .. d0+cb-1, in (channel, step)
+   tiles of stride K, computed vectorised over the steps: dt and its slope, u, and z with sigmoid(z). */
+typedef struct {
+    T *dt, *slope, *u, *z, *sz;
+} SFX(tile);
+
+INLINE void SFX(load_tile)(const ssm_args *a, const SFX(tile) *tl, int64_t b, int64_t d0, int64_t s0, int64_t m) {
+    const T *u = a->u, *delta = a->delta, *z = a->z, *bias = a->bias;
+    const int64_t K = a->K, dir = a->reverse ? -1 : 1, t0 = SFX(position)(a, s0);
+    for (int64_t c = 0; c < a->cb; c++) {
+        const int64_t d = d0 + c;
+        const T bd = bias ? bias[d] : (T)0;
+        const T *pd = &AT(delta, a->sd, b, d, t0), *pu = &AT(u, a->su, b, d, t0);
+        const int64_t sd = dir * a->sd[2], su = dir * a->su[2];
+        T *dt = tl->dt + c * K, *slope = tl->slope + c * K, *uu = tl->u + c * K;
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) {
+            dt[j] = SFX(step_size)(pd[j * sd] + bd, a->softplus, slope + j);
+            uu[j] = pu[j * su];
+        }
+        if (z) {
+            const T *pz = &AT(z, a->sz, b, d, t0);
+            const int64_t sz = dir * a->sz[2];
+            T *zz = tl->z + c * K, *sg = tl->sz + c * K;
+#pragma omp simd
+            for (int64_t j = 0; j < m; j++) {
+                zz[j] = pz[j * sz];
+                sg[j] = SFX(sigmoid)(zz[j]);
+            }
+        }
+    }
+}
+
+/* Tile scratch of one item, in elements of T: dt, slope, u, z, sigmoid(z), y or dy */
+static int64_t SFX(tile_scratch)(const ssm_args *a) { return 6 * a->cb * a->K; }
+
+INLINE SFX(tile) SFX(tile_at)(const ssm_args *a, T *work) {
+    const int64_t n = a->cb * a->K;
+    SFX(tile) tl = {work, work + n, work + 2 * n, work + 3 * n, work + 4 * n};
+    return tl;
+}
+
+/* Forward of one item (batch row b, channels d0 .. d0+cb-1); work: cb*N states, then the tiles. */
+INLINE void SFX(fwd_item)(const ssm_args *a, int64_t b, int64_t blk, T *work, const int64_t N) {
+    const T *A = a->A, *D = a->D, *h0 = a->h0;
+    T *y = a->y, *last = a->last, *ckpt = a->ckpt;
+    const int64_t cb = a->cb, d0 = blk * cb, L = a->L, K = a->K, dim = a->dim, nk = (L + K - 1) / K;
+    const int64_t *seq = a->seq ? a->seq + b * L : NULL;
+    T *h = work;
+    const SFX(tile) tl = SFX(tile_at)(a, work + cb * N);
+    T *ys = tl.sz + cb * K;
+    const T *B0 = SFX(bc_base)(a->B, a->sB, a->B_var, a->dpg_B, b, d0);
+    const T *C0 = SFX(bc_base)(a->C, a->sC, a->C_var, a->dpg_C, b, d0);
+    for (int64_t c = 0; c < cb; c++)
+        for (int64_t n = 0; n < N; n++) h[c * N + n] = h0 ? h0[(b * dim + d0 + c) * N + n] : (T)0;
+    for (int64_t k = 0; k < nk; k++) {
+        const int64_t s0 = k * K, m = (s0 + K < L ? s0 + K : L) - s0;
+        if (ckpt)
+            for (int64_t c = 0; c < cb; c++) memcpy(ckpt + ((b * dim + d0 + c) * nk + k) * N, h + c * N, N * sizeof(T));
+        SFX(load_tile)(a, &tl, b, d0, s0, m);
+        for (int64_t c = 0; c < cb; c++) { /* channel by channel through the block: its states stay in registers */
+            const T *Ad = A + (d0 + c) * N, *dtc = tl.dt + c * K, *uc = tl.u + c * K;
+            T *hc = h + c * N, *yc = ys + c * K;
+            for (int64_t j = 0; j < m; j++) {
+                const int64_t t = SFX(position)(a, s0 + j);
+                const T keep = SFX(keep)(a, seq, s0 + j);
+                const T *Bc = SFX(bc_row)(B0, a->sB, a->B_var, c, t);
+                const T *Cc = SFX(bc_row)(C0, a->sC, a->C_var, c, t);
+                const T dt = dtc[j], dtu = dt * uc[j];
+                T acc = 0;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t n = 0; n < N; n++) {
+                    const T hn = STATE_EXP(dt * Ad[n]) * keep * hc[n] + dtu * Bc[n];
+                    hc[n] = hn;
+                    acc += hn * Cc[n];
+                }
+                yc[j] = acc;
+            }
+        }
+        for (int64_t c = 0; c < cb; c++) {
+            const int64_t d = d0 + c, dir = a->reverse ? -1 : 1, sy = dir * a->sy[2];
+            const T Dd = D ? D[d] : (T)0;
+            const T *yc = ys + c * K, *uc = tl.u + c * K, *zc = tl.z + c * K, *sc = tl.sz + c * K;
+            T *py = &AT(y, a->sy, b, d, SFX(position)(a, s0));
+            if (a->z) {
+#pragma omp simd
+                for (int64_t j = 0; j < m; j++) py[j * sy] = (yc[j] + Dd * uc[j]) * zc[j] * sc[j];
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < m; j++) py[j * sy] = yc[j] + Dd * uc[j];
+            }
+        }
+    }
+    if (last)
+        for (int64_t c = 0; c < cb; c++) memcpy(last + (b * dim + d0 + c) * N, h + c * N, N * sizeof(T));
+}
+
+void SFX(ssm_fwd)(const ssm_args *a) {
+    const int64_t nblk = a->dim / a->cb, items = a->batch * nblk;
+#pragma omp parallel num_threads(a->threads)
+    {
+        T *work = malloc((a->cb * a->N + SFX(tile_scratch)(a)) * sizeof(T));
+#pragma omp for schedule(static)
+        for (int64_t w = 0; w < items; w++) {
+            if (a->N == 16)
+                SFX(fwd_item)(a, w / nblk, w % nblk, work, 16);
+            else
+                SFX(fwd_item)(a, w / nblk, w % nblk, work, a->N);
+        }
+        free(work);
+    }
+}
+
+/* Scratch of one backward item, in elements of T (see bwd_item). */
+static int64_t SFX(bwd_scratch)(const ssm_args *a) {
+    const int64_t cn = a->cb * a->N, K = a->K;
+    return 4 * cn + cn * (2 * K + 1) + 2 * K * a->N + 2 * a->cb + SFX(tile_scratch)(a);
+}
+
+/* Backward of one item. For each K-block, last to first: recompute the block's states from the saved
+   state entering it, then run the adjoint G_t = dL/dh_t = g_t C_t + a_{t+1} G_{t+1} backwards; both
+   channel by channel, so that the channel's states and adjoint stay in registers. */
+INLINE void SFX(bwd_item)(const ssm_args *a, int64_t b, int64_t blk, T *work, const int64_t N) {
+    const T *A = a->A, *D = a->D, *dy = a->dy, *dlast = a->dlast, *ckpt = a->ckpt;
+    T *du = a->du, *ddelta = a->ddelta, *dz = a->dz;
+    const int64_t cb = a->cb, d0 = blk * cb, L = a->L, K = a->K, dim = a->dim, nk = (L + K - 1) / K;
+    const int64_t cn = cb * N, nblk = dim / cb, dir = a->reverse ? -1 : 1;
+    const int64_t *seq = a->seq ? a->seq + b * L : NULL;
+    /* per channel, over the whole length: adjoint, dA, and the time-invariant dB, dC */
+    T *G = work, *dAacc = G + cn, *dBacc = dAacc + cn, *dCacc = dBacc + cn;
+    /* per channel over one block: states h_{j-1}, h_j as hs[c][j][n], decays as[c][j][n] */
+    T *hs = dCacc + cn, *as = hs + cn * (K + 1);
+    /* per block, summed over the item's channels: time-varying dB, dC rows [j][n] */
+    T *dBt = as + cn * K, *dCt = dBt + K * N, *dDacc = dCt + K * N, *dbacc = dDacc + cb;
+    const SFX(tile) tl = SFX(tile_at)(a, dbacc + cb);
+    T *dys = tl.sz + cb * K;
+    const T *B0 = SFX(bc_base)(a->B, a->sB, a->B_var, a->dpg_B, b, d0);
+    const T *C0 = SFX(bc_base)(a->C, a->sC, a->C_var, a->dpg_C, b, d0);
+    for (int64_t i = 0; i < cn; i++) {
+        G[i] = dlast ? dlast[(b * dim + d0) * N + i] : (T)0;
+        dAacc[i] = dBacc[i] = dCacc[i] = 0;
+    }
+    for (int64_t c = 0; c < cb; c++) dDacc[c] = dbacc[c] = 0;
+
+    for (int64_t k = nk - 1; k >= 0; k--) {
+        const int64_t s0 = k * K, m = (s0 + K < L ? s0 + K : L) - s0, t0 = SFX(position)(a, s0);
+        SFX(load_tile)(a, &tl, b, d0, s0, m);
+        for (int64_t c = 0; c < cb; c++) {
+            const T *pdy = &AT(dy, a->sdy, b, d0 + c, t0);
+            const int64_t sdy = dir * a->sdy[2];
+            for (int64_t j = 0; j < m; j++) dys[c * K + j] = pdy[j * sdy];
+        }
+        for (int64_t c = 0; c < cb; c++) { /* recompute */
+            const T *Ad = A + (d0 + c) * N, *dtc = tl.dt + c * K, *uc = tl.u + c * K;
+            T *restrict hc = hs + c * (K + 1) * N, *restrict ac = as + c * K * N;
+            memcpy(hc, ckpt + ((b * dim + d0 + c) * nk + k) * N, N * sizeof(T));
+            for (int64_t j = 0; j < m; j++) {
+                const T *Bc = SFX(bc_row)(B0, a->sB, a->B_var, c, t0 + dir * j);
+                const T keep = SFX(keep)(a, seq, s0 + j), dt = dtc[j], dtu = dt * uc[j];
+#pragma omp simd
+                for (int64_t n = 0; n < N; n++) {
+                    const T an = STATE_EXP(dt * Ad[n]) * keep;
+                    ac[j * N + n] = an;
+                    hc[(j + 1) * N + n] = an * hc[j * N + n] + dtu * Bc[n];
+                }
+            }
+        }
+        if (a->B_var) memset(dBt, 0, m * N * sizeof(T));
+        if (a->C_var) memset(dCt, 0, m * N * sizeof(T));
+        for (int64_t c = 0; c < cb; c++) { /* adjoint */
+            const int64_t d = d0 + c;
+            const T *Ad = A + d * N, *hc = hs + c * (K + 1) * N, *ac = as + c * K * N;
+            const T Dd = D ? D[d] : (T)0;
+            T *restrict Gc = G + c * N, *restrict dAc = dAacc + c * N;
+            T dDc = 0, dbc = 0;
+            for (int64_t j = m - 1; j >= 0; j--) {
+                const int64_t t = t0 + dir * j, i = c * K + j;
+                const T *Bc = SFX(bc_row)(B0, a->sB, a->B_var, c, t);
+                const T *Cc = SFX(bc_row)(C0, a->sC, a->C_var, c, t);
+                const T *hp = hc + j * N, *hn = hc + (j + 1) * N, *aj = ac + j * N;
+                const T dt = tl.dt[i], uu = tl.u[i], dtu = dt * uu;
+                T g = dys[i];
+                if (a->z) { /* y = y0 * silu(z): dz = g y0 silu'(z), dy0 = g silu(z) */
+                    T y0 = Dd * uu;
+#pragma omp simd reduction(+ : y0)
+                    for (int64_t n = 0; n < N; n++) y0 += hn[n] * Cc[n];
+                    const T zz = tl.z[i], sz = tl.sz[i];
+                    AT(dz, a->sdz, b, d, t) = g * y0 * sz * ((T)1 + zz * ((T)1 - sz));
+                    g *= zz * sz;
+                }
+                dDc += g * uu;
+                T *restrict dCd = a->C_var ? dCt + j * N : dCacc + c * N;
+                T *restrict dBd = a->B_var ? dBt + j * N : dBacc + c * N;
+                T sGB = 0, sqA = 0;
+#pragma omp simd reduction(+ : sGB, sqA)
+                for (int64_t n = 0; n < N; n++) {
+                    dCd[n] += g * hn[n];
+                    const T Gn = Gc[n] + g * Cc[n];
+                    dBd[n] += Gn * dtu;
+                    sGB += Gn * Bc[n];
+                    const T q = Gn * aj[n] * hp[n]; /* dL/d(dt A_n) */
+                    sqA += q * Ad[n];
+                    dAc[n] += q * dt;
+                    Gc[n] = Gn * aj[n];
+                }
+                AT(du, a->sdu, b, d, t) = g * Dd + dt * sGB;
+                const T ddt = (uu * sGB + sqA) * tl.slope[i];
+                AT(ddelta, a->sdd, b, d, t) = ddt;
+                dbc += ddt;
+            }
+            dDacc[c] += dDc;
+            dbacc[c] += dbc;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            const int64_t row = (b * nblk + blk) * L + t0 + dir * j;
+            if (a->B_var) memcpy((T *)a->dB + row * N, dBt + j * N, N * sizeof(T));
+            if (a->C_var) memcpy((T *)a->dC + row * N, dCt + j * N, N * sizeof(T));
+        }
+    }
+    const int64_t row = (b * dim + d0) * N;
+    if (a->dh0) memcpy((T *)a->dh0 + row, G, cn * sizeof(T));
+    memcpy((T *)a->dA + row, dAacc, cn * sizeof(T));
+    if (!a->B_var) memcpy((T *)a->dB + row, dBacc, cn * sizeof(T));
+    if (!a->C_var) memcpy((T *)a->dC + row, dCacc, cn * sizeof(T));
+    for (int64_t c = 0; c < cb; c++) {
+        if (a->dD) ((T *)a->dD)[b * dim + d0 + c] = dDacc[c];
+        if (a->dbias) ((T *)a->dbias)[b * dim + d0 + c] = dbacc[c];
+    }
+}
+
+void SFX(ssm_bwd)(const ssm_args *a) {
+    const int64_t nblk = a->dim / a->cb, items = a->batch * nblk;
+#pragma omp parallel num_threads(a->threads)
+    {
+        T *work = malloc(SFX(bwd_scratch)(a) * sizeof(T));
+#pragma omp for schedule(static)
+        for (int64_t w = 0; w < items; w++) {
+            if (a->N == 16)
+                SFX(bwd_item)(a, w / nblk, w % nblk, work, 16);
+            else
+                SFX(bwd_item)(a, w / nblk, w % nblk, work, a->N);
+        }
+        free(work);
+    }
+}
+
+/* One decode step in place on the state (batch, dim, N); y (batch, dim). */
+void SFX(ssm_step)(const step_args *a) {
+    const int64_t N = a->N, dim = a->dim;
+    const T *x = a->x, *dtp = a->dt, *A = a->A, *B = a->B, *C = a->C, *D = a->D, *z = a->z, *bias = a->bias;
+    T *state = a->state, *y = a->y;
+#pragma omp parallel for schedule(static) num_threads(a->threads)
+    for (int64_t w = 0; w < a->batch * dim; w++) {
+        const int64_t b = w / dim, d = w % dim;
+        T slope;
+        const T dt = SFX(step_size)(dtp[b * a->sdt[0] + d * a->sdt[1]] + (bias ? bias[d] : (T)0), a->softplus, &slope);
+        const T xx = x[b * a->sx[0] + d * a->sx[1]], dtx = dt * xx;
+        const T *Bn = B + b * a->sB[0] + (d / a->dpg_B) * a->sB[1], *Cn = C + b * a->sC[0] + (d / a->dpg_C) * a->sC[1];
+        const T *Ad = A + d * N;
+        T *h = state + b * a->sh[0] + d * a->sh[1], acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t n = 0; n < N; n++) {
+            const T hn = STATE_EXP(dt * Ad[n]) * h[n] + dtx * Bn[n];
+            h[n] = hn;
+            acc += hn * Cn[n];
+        }
+        if (D) acc += D[d] * xx;
+        if (z) {
+            const T zz = z[b * a->sz[0] + d * a->sz[1]];
+            acc *= zz * SFX(sigmoid)(zz);
+        }
+        y[w] = acc;
+    }
+}
+
+#undef AT
+#undef INLINE
