@@ -3,7 +3,8 @@
 Two families, each measured in a fresh subprocess (so the CPU peak RSS belongs to one measurement):
 
 - scan2d at (batch, dim, H, W, d_state): `selective_scan_2d` over the four corner directions with
-  backend "chunked", "triton" (CUDA only) and "ref" (the cell-by-cell double loop, tiny sizes only), vs the peer
+  backend "chunked", "cpu" (the compiled kernels; CPU only), "triton" (CUDA only) and "ref" (the cell-by-cell
+  double loop, tiny sizes only), vs the peer
   "cross_scan": VMamba's way of scanning an image — `gather` the feature map in the four cross-scan
   orders (`get_scan_order("cross4")`), run one grouped 1-D `selective_scan` over the 4·dim sequences
   (B, C per direction as groups; the fastest 1-D backend of the device), `merge` back. Same inputs (u, delta, A, B, C, D) for both.
@@ -30,7 +31,7 @@ SCAN2D_SMALL = ["1,4,8,8,4", "2,32,16,16,8", "2,64,28,28,16"]
 SCAN2D_FULL = ["8,192,56,56,16"]
 CONVSSM_SMALL = ["2,8,16,16,16,16", "2,16,32,32,32,32"]
 CONVSSM_FULL = ["8,16,64,32,32,64"]
-SCAN2D_IMPLS = ["ref", "chunked", "triton", "cross_scan"]
+SCAN2D_IMPLS = ["ref", "chunked", "cpu", "triton", "cross_scan"]
 CONVSSM_IMPLS = ["scan", "step_loop"]
 
 
@@ -47,7 +48,7 @@ def _scan2d_case(shape, impl, device):
     A, D = -(0.5 + torch.rand(d, N, generator=g)), torch.randn(d, generator=g)
     B, C = torch.randn(b, N, H, W, generator=g), torch.randn(b, N, H, W, generator=g)
     args = [t.to(device).requires_grad_() for t in (u, delta, A, B, C, D)]
-    if impl in ("ref", "chunked", "triton"):
+    if impl in ("ref", "chunked", "cpu", "triton"):
         def fn(u, delta, A, B, C, D):
             return selective_scan_2d(u, delta, A, B, C, D, directions=DIRECTIONS, backend=impl)
     else:
@@ -146,6 +147,8 @@ def main(argv=None) -> None:
             continue
         if impl == "triton" and a.device != "cuda":
             continue  # Triton's CPU interpreter is for tests, not timings
+        if impl == "cpu" and a.device != "cpu":
+            continue
         cmd = [sys.executable, __file__, "--worker", family, impl, shape, "--device", a.device,
                "--repeats", str(a.repeats), "--threads", str(a.threads)]
         try:

@@ -28,7 +28,7 @@ from ssmkit.core.scan import _pick_backend, linear_scan
 __all__ = ["selective_scan_2d", "Mamba2D", "DIRECTIONS", "BACKENDS_2D"]
 
 DIRECTIONS = ("tl", "tr", "bl", "br")
-BACKENDS_2D = ("ref", "chunked", "triton")
+BACKENDS_2D = ("ref", "chunked", "cpu", "triton")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,11 +88,13 @@ def selective_scan_2d(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     "bl", "br" (origins; outputs summed, D·u added once). Returns y (batch, dim, H, W), dtype of u;
     computed in fp32 (fp64 for fp64 u).
     backend "ref": a double loop over cells (the oracle; H·W Python steps).
-    backend "chunked" (the CPU default): two `linear_scan`s per direction, rows then columns, parallel
-    over the grid. It materialises Ā and the states g, h as (batch, dim, d_state, H, W) — d_state times
-    the input size, plus the same again saved for backward.
-    backend "triton" (the CUDA default; fp32 compute): `ssmkit.kernels.scan2d`, both passes fused row by
-    row, the states never stored whole (memory O(·d_state·W·√H), recomputation in backward).
+    backend "chunked": two `linear_scan`s per direction, rows then columns, parallel over the grid. It
+    materialises Ā and the states g, h as (batch, dim, d_state, H, W) — d_state times the input size,
+    plus the same again saved for backward.
+    backend "cpu" (the CPU default where a C compiler is found): `ssmkit.kernels.cpu`, both passes fused
+    cell by cell with one row of states per channel; "triton" (the CUDA default; fp32 compute):
+    `ssmkit.kernels.scan2d`, both passes fused row by row. Neither stores the states whole (memory
+    O(·d_state·W·√H), recomputation in backward).
     """
     B, C, directions = _check_2d_args(u, delta, A, B, C, D, delta_bias, directions, backend)
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -108,6 +110,11 @@ def selective_scan_2d(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
 
         y = sum(scan2d_triton(dt.float(), u.float(), A.float(), B.float(), C.float(), right_to_left=d[1] == "r",
                               bottom_up=d[0] == "b") for d in directions).to(cd)
+    elif backend == "cpu":
+        from ssmkit.kernels.cpu import scan2d_cpu
+
+        u_, A_, B_, C_ = u.to(cd), A.to(cd), B.to(cd), C.to(cd)
+        y = sum(scan2d_cpu(dt, u_, A_, B_, C_, right_to_left=d[1] == "r", bottom_up=d[0] == "b") for d in directions)
     else:
         a = torch.exp(dt[:, :, None] * A.to(cd)[None, :, :, None, None])  # (batch, dim, N, H, W)
         x = (dt * u.to(cd))[:, :, None] * _per_channel(B.to(cd), dim)

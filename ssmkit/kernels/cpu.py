@@ -1,4 +1,5 @@
-"""Compiled CPU kernels for the 1-D selective scan and its decode step (the "cpu" backend of ssmkit.core.scan).
+"""Compiled CPU kernels: the 1-D selective scan, its decode step and one direction of the 2-D selective scan
+(the "cpu" backend of ssmkit.core.scan and ssmkit.core.scan2d).
 
 The C source (csrc/scan.c, csrc/scan_impl.h) is compiled at first use with the system C compiler
 (`$CC`, default `cc`; -O3 -march=native -ffast-math -fopenmp) into a shared library cached per source,
@@ -33,10 +34,10 @@ import torch
 
 from ssmkit.kernels import as_time_invariant
 
-__all__ = ["available", "library", "selective_scan_cpu", "selective_state_update_cpu"]
+__all__ = ["available", "library", "selective_scan_cpu", "selective_state_update_cpu", "scan2d_cpu"]
 
 _SRC = Path(__file__).with_name("csrc")
-_SOURCES = ("scan.c", "scan_impl.h")
+_SOURCES = ("scan.c", "scan_impl.h", "scan2d_impl.h")
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11")
 _STATES_PER_ITEM = 256  # cb * N: the states one work item keeps in L1
 _K_STEPS = 64           # positions between the states saved for backward
@@ -123,6 +124,16 @@ class _ScanArgs(ctypes.Structure):
                                        "dh0")])
 
 
+_S4 = _I64 * 4
+
+
+class _Scan2dArgs(ctypes.Structure):
+    _fields_ = ([(n, _I64) for n in ("batch", "dim", "H", "W", "N", "cb", "K", "dpg_B", "dpg_C", "rtl", "bu",
+                                      "threads")]
+                + [(n, _S4) for n in ("su", "sdt", "sy", "sdy", "sdu", "sddt", "sB", "sC")]
+                + [(n, _PTR) for n in ("u", "dt", "A", "B", "C", "dy", "y", "ckpt", "du", "ddt", "dA", "dB", "dC")])
+
+
 class _StepArgs(ctypes.Structure):
     _fields_ = ([(n, _I64) for n in ("batch", "dim", "N", "dpg_B", "dpg_C", "softplus", "threads")]
                 + [(n, _S2) for n in ("sh", "sx", "sdt", "sz", "sB", "sC")]
@@ -168,13 +179,11 @@ def _bc_strides(X: torch.Tensor):
     return (X.stride(0), X.stride(1), X.stride(3)) if X.dim() == 4 else (0, X.stride(0), 0)
 
 
-def _block(dim: int, N: int, B: torch.Tensor, C: torch.Tensor) -> int:
-    """Channels per work item: the largest divisor of every time-varying group's channel count with at
-    most _STATES_PER_ITEM states; a function of the shapes only, so results do not depend on threads."""
-    base = dim
-    for X in (B, C):
-        if X.dim() == 4:
-            base = math.gcd(base, dim // X.shape[1])
+def _block(dim: int, N: int, groups) -> int:
+    """Channels per work item: the largest divisor of the channel count of every group in `groups` (the
+    group counts of the B/C tensors that vary over positions) with at most _STATES_PER_ITEM states; a
+    function of the shapes only, so results do not depend on the number of threads."""
+    base = math.gcd(dim, *(dim // G for G in groups))
     cap = max(1, _STATES_PER_ITEM // N)
     return max(c for c in range(1, min(base, cap) + 1) if base % c == 0)
 
@@ -182,7 +191,8 @@ def _block(dim: int, N: int, B: torch.Tensor, C: torch.Tensor) -> int:
 def _scan_args(u, delta, A, B, C, D, z, bias, h0, seq, softplus, reverse) -> _ScanArgs:
     batch, dim, L = u.shape
     N = A.shape[1]
-    a = _ScanArgs(batch=batch, dim=dim, L=L, N=N, cb=_block(dim, N, B, C), K=_K_STEPS,
+    a = _ScanArgs(batch=batch, dim=dim, L=L, N=N, cb=_block(dim, N, [X.shape[1] for X in (B, C) if X.dim() == 4]),
+                  K=_K_STEPS,
                   dpg_B=dim // B.shape[1] if B.dim() == 4 else 1, dpg_C=dim // C.shape[1] if C.dim() == 4 else 1,
                   B_var=B.dim() == 4, C_var=C.dim() == 4, softplus=bool(softplus), reverse=bool(reverse),
                   threads=torch.get_num_threads(), su=_strides(u, 3), sd=_strides(delta, 3), sz=_strides(z, 3),
@@ -316,8 +326,88 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.new_empty(state.shape[:2])
 
 
+def _scan2d_args(dt, u, A, B, C, right_to_left, bottom_up) -> _Scan2dArgs:
+    batch, dim, H, W = u.shape
+    N = A.shape[1]
+    a = _Scan2dArgs(batch=batch, dim=dim, H=H, W=W, N=N, cb=_block(dim, N, [B.shape[1], C.shape[1]]),
+                    K=max(1, math.isqrt(H - 1) + 1),
+                    dpg_B=dim // B.shape[1], dpg_C=dim // C.shape[1], rtl=bool(right_to_left), bu=bool(bottom_up),
+                    threads=torch.get_num_threads(), su=_strides(u, 4), sdt=_strides(dt, 4),
+                    sB=(B.stride(0), B.stride(1), B.stride(3), B.stride(4)),
+                    sC=(C.stride(0), C.stride(1), C.stride(3), C.stride(4)))
+    for name, t in (("u", u), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        setattr(a, name, _ptr(t))
+    return a
+
+
+@torch.library.custom_op("ssmkit::scan2d_cpu_fwd", mutates_args=())
+def _fwd2d_op(dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              right_to_left: bool, bottom_up: bool, save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, dim, H, W = u.shape
+    a = _scan2d_args(dt, u, A, B, C, right_to_left, bottom_up)
+    y = torch.empty_like(u)
+    states = u.new_empty(batch, dim, -(-H // a.K) if save_states else 0, W, A.shape[1])
+    a.sy, a.y, a.ckpt = _strides(y, 4), y.data_ptr(), _ptr(states)
+    _call("scan2d_fwd", a, u.dtype)
+    return y, states
+
+
+@_fwd2d_op.register_fake
+def _(dt, u, A, B, C, right_to_left, bottom_up, save_states):
+    batch, dim, H, W = u.shape
+    K = max(1, math.isqrt(H - 1) + 1)
+    return torch.empty_like(u), u.new_empty(batch, dim, -(-H // K) if save_states else 0, W, A.shape[1])
+
+
+@torch.library.custom_op("ssmkit::scan2d_cpu_bwd", mutates_args=())
+def _bwd2d_op(dy: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              states: torch.Tensor, right_to_left: bool, bottom_up: bool) -> list[torch.Tensor]:
+    batch, dim, H, W = u.shape
+    N = A.shape[1]
+    a = _scan2d_args(dt, u, A, B, C, right_to_left, bottom_up)
+    nblk = dim // a.cb
+    ddt, du = torch.empty_like(dt), torch.empty_like(u)
+    dA_b = u.new_empty(batch, dim, N)
+    dB_p, dC_p = u.new_empty(batch, nblk, H, W, N), u.new_empty(batch, nblk, H, W, N)
+    a.sdy, a.sddt, a.sdu = _strides(dy, 4), _strides(ddt, 4), _strides(du, 4)
+    for name, t in (("dy", dy), ("ckpt", states), ("ddt", ddt), ("du", du), ("dA", dA_b), ("dB", dB_p), ("dC", dC_p)):
+        setattr(a, name, _ptr(t))
+    _call("scan2d_bwd", a, u.dtype)
+
+    def group_sum(parts, G):  # (batch, nblk, H, W, N) -> (batch, G, N, H, W), blocks of a group in order
+        if nblk != G:
+            parts = _reduce(parts, u.new_empty(batch, G, H, W, N), batch * G, nblk // G)
+        return parts.permute(0, 1, 4, 2, 3)
+
+    return [ddt, du, _reduce(dA_b, u.new_empty(dim, N), 1, batch), group_sum(dB_p, B.shape[1]),
+            group_sum(dC_p, C.shape[1])]
+
+
+@_bwd2d_op.register_fake
+def _(dy, dt, u, A, B, C, states, right_to_left, bottom_up):
+    return [torch.empty_like(dt), torch.empty_like(u), torch.empty_like(A), B.new_empty(B.shape), C.new_empty(C.shape)]
+
+
+def _setup_context_2d(ctx, inputs, output):
+    dt, u, A, B, C, right_to_left, bottom_up, save_states = inputs
+    ctx.save_for_backward(dt, u, A, B, C, output[1])
+    ctx.flags = (right_to_left, bottom_up)
+
+
+def _backward_2d(ctx, dy, dstates):
+    dt, u, A, B, C, states = ctx.saved_tensors
+    if states.shape[2] == 0:
+        raise RuntimeError("selective_scan_2d (cpu): backward through a forward run without saved states "
+                           "(it ran with gradients disabled)")
+    ddt, du, dA, dB, dC = torch.ops.ssmkit.scan2d_cpu_bwd(dy.to(u.dtype), dt, u, A, B, C, states, *ctx.flags)
+    return ddt, du, dA, dB, dC, None, None, None
+
+
+torch.library.register_autograd("ssmkit::scan2d_cpu_fwd", _backward_2d, setup_context=_setup_context_2d)
+
+
 # ----------------------------------------------------------------------------------------------------
-# entry points (called by ssmkit.core.scan)
+# entry points (called by ssmkit.core.scan and ssmkit.core.scan2d)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, seq_idx, dtype):
@@ -349,3 +439,13 @@ def selective_state_update_cpu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus
     if work is not state:
         state.copy_(work)
     return y.to(x.dtype)
+
+
+def scan2d_cpu(dt, u, A, B, C, right_to_left: bool, bottom_up: bool):
+    """Σ_n C·h of one direction of the 2-D scan (the recurrence of `core.scan2d`), differentiable.
+    dt, u: (batch, dim, H, W), any strides, dt already through bias and softplus; A: (dim, N); B, C:
+    (batch, groups, N, H, W); all of one dtype (fp32 or fp64). Returns (batch, dim, H, W)."""
+    B, C = (X if X.stride(2) == 1 else X.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for X in (B, C))
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (dt, u, A, B, C))
+    y, _ = torch.ops.ssmkit.scan2d_cpu_fwd(dt, u, A.contiguous(), B, C, bool(right_to_left), bool(bottom_up), save)
+    return y

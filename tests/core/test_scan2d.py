@@ -8,7 +8,7 @@ from ssmkit.core.scan import linear_scan
 from ssmkit.core.scan2d import Mamba2D, selective_scan_2d
 
 f64 = torch.float64
-BACKENDS = ["ref", "chunked"]
+BACKENDS = ["ref", "chunked", "cpu"]
 DIRECTION_SETS = [("tl",), ("tr",), ("bl",), ("br",), ("tl", "tr", "bl", "br")]
 
 

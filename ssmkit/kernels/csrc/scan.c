@@ -1,8 +1,9 @@
-/* Fused CPU kernels for ssmkit.core.scan: the 1-D selective scan (forward, backward) and its decode step.
+/* Fused CPU kernels for ssmkit.core.scan and ssmkit.core.scan2d: the 1-D selective scan (forward,
+backward), its decode step, and one direction of the 2-D selective scan (forward, backward).
 
 Compiled at first use by ssmkit/kernels/cpu.py with the system C compiler (-O3 -march=native
--ffast-math -fopenmp) and called through ctypes. scan_impl.h holds the code; it is included once for
-float and once for double. The math is that of ssmkit/core/scan.py:
+-ffast-math -fopenmp) and called through ctypes. scan_impl.h (1-D) and scan2d_impl.h (2-D) hold the
+code; they are included once for float and once for double. The 1-D math is that of ssmkit/core/scan.py:
 
     dt = softplus(delta + bias) (or delta + bias);  a_t = exp(dt_t A) * keep_t
     h_t = a_t h_{t-1} + dt_t u_t B_t;   y_t = (C_t . h_t + D u_t) * silu(z_t)
@@ -18,6 +19,8 @@ not depend on the number of threads or on scheduling.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
 
 typedef struct {
     int64_t batch, dim, L, N;
@@ -38,6 +41,17 @@ typedef struct {
     void *dB, *dC;            /* time-varying: (batch, dim/cb, L, N) per item; invariant: (batch, dim, N) */
     void *dh0;                /* (batch, dim, N) or NULL */
 } ssm_args;
+
+typedef struct {
+    int64_t batch, dim, H, W, N;
+    int64_t cb, K, dpg_B, dpg_C;  /* channels per item (within one B and C group); rows between saved state rows */
+    int64_t rtl, bu, threads;     /* columns right to left; rows bottom up */
+    /* strides in elements: (batch, channel, row, column); B and C (batch, group, row, column), n contiguous */
+    int64_t su[4], sdt[4], sy[4], sdy[4], sdu[4], sddt[4], sB[4], sC[4];
+    const void *u, *dt, *A, *B, *C, *dy;
+    void *y, *ckpt;               /* ckpt: (batch, dim, ceil(H/K), W, N), by scan row and column */
+    void *du, *ddt, *dA, *dB, *dC; /* dA: (batch, dim, N); dB, dC: (batch, dim/cb, H, W, N) per item */
+} scan2d_args;
 
 typedef struct {
     int64_t batch, dim, N, dpg_B, dpg_C, softplus, threads;
@@ -92,6 +106,7 @@ static inline __attribute__((always_inline)) float state_expf(float x) {
 #define STATE_EXP state_expf
 #define LOG1P log1pf
 #include "scan_impl.h"
+#include "scan2d_impl.h"
 #undef T
 #undef SFX
 #undef EXP
@@ -104,6 +119,7 @@ static inline __attribute__((always_inline)) float state_expf(float x) {
 #define STATE_EXP exp
 #define LOG1P log1p
 #include "scan_impl.h"
+#include "scan2d_impl.h"
 #undef T
 #undef SFX
 #undef EXP

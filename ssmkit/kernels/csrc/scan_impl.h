@@ -1,7 +1,6 @@
 /* The selective-scan kernels for one scalar type; included by scan.c with T, SFX, EXP and LOG1P set. */
 
 #define AT(p, s, b, d, t) ((p)[(b) * (s)[0] + (d) * (s)[1] + (t) * (s)[2]])
-#define INLINE static inline __attribute__((always_inline))
 
 INLINE T SFX(sigmoid)(T x) { return (T)1 / ((T)1 + EXP(-x)); }
 
@@ -311,4 +310,3 @@ void SFX(ssm_step)(const step_args *a) {
 }
 
 #undef AT
-#undef INLINE
