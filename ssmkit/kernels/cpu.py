@@ -39,7 +39,8 @@ __all__ = ["available", "library", "selective_scan_cpu", "selective_state_update
 _SRC = Path(__file__).with_name("csrc")
 _SOURCES = ("scan.c", "scan_impl.h", "scan2d_impl.h")
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11")
-_STATES_PER_ITEM = 256  # cb * N: the states one work item keeps in L1
+_STATES_PER_ITEM = 256  # cb * N: the states one backward work item keeps in L1
+_FWD_CHANNELS = 16      # channels per forward item: the forward vectorises over them
 _K_STEPS = 64           # positions between the states saved for backward
 
 
@@ -179,19 +180,19 @@ def _bc_strides(X: torch.Tensor):
     return (X.stride(0), X.stride(1), X.stride(3)) if X.dim() == 4 else (0, X.stride(0), 0)
 
 
-def _block(dim: int, N: int, groups) -> int:
+def _block(dim: int, groups, cap: int) -> int:
     """Channels per work item: the largest divisor of the channel count of every group in `groups` (the
-    group counts of the B/C tensors that vary over positions) with at most _STATES_PER_ITEM states; a
-    function of the shapes only, so results do not depend on the number of threads."""
+    group counts of the B/C tensors that vary over positions) up to `cap`; a function of the shapes only,
+    so results do not depend on the number of threads."""
     base = math.gcd(dim, *(dim // G for G in groups))
-    cap = max(1, _STATES_PER_ITEM // N)
     return max(c for c in range(1, min(base, cap) + 1) if base % c == 0)
 
 
-def _scan_args(u, delta, A, B, C, D, z, bias, h0, seq, softplus, reverse) -> _ScanArgs:
+def _scan_args(u, delta, A, B, C, D, z, bias, h0, seq, softplus, reverse, forward: bool) -> _ScanArgs:
     batch, dim, L = u.shape
     N = A.shape[1]
-    a = _ScanArgs(batch=batch, dim=dim, L=L, N=N, cb=_block(dim, N, [X.shape[1] for X in (B, C) if X.dim() == 4]),
+    cap = _FWD_CHANNELS if forward else max(1, _STATES_PER_ITEM // N)
+    a = _ScanArgs(batch=batch, dim=dim, L=L, N=N, cb=_block(dim, [X.shape[1] for X in (B, C) if X.dim() == 4], cap),
                   K=_K_STEPS,
                   dpg_B=dim // B.shape[1] if B.dim() == 4 else 1, dpg_C=dim // C.shape[1] if C.dim() == 4 else 1,
                   B_var=B.dim() == 4, C_var=C.dim() == 4, softplus=bool(softplus), reverse=bool(reverse),
@@ -214,9 +215,9 @@ def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
             reverse: bool, save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, dim, L = u.shape
     N = A.shape[1]
-    a = _scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse)
-    y = torch.empty_like(u)
-    last = u.new_empty(batch, dim, N)
+    a = _scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse, True)
+    y = u.new_empty(batch, L, dim).transpose(1, 2)  # channel-last: what the forward writes fastest, and what
+    last = u.new_empty(batch, dim, N)                # Mamba's out_proj reads
     states = u.new_empty(batch, dim, -(-L // a.K) if save_states else 0, N)
     a.sy = _strides(y, 3)
     a.y, a.last, a.ckpt = y.data_ptr(), last.data_ptr(), _ptr(states)
@@ -228,7 +229,7 @@ def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse, save_states):
     batch, dim, L = u.shape
     N = A.shape[1]
-    return (torch.empty_like(u), u.new_empty(batch, dim, N),
+    return (u.new_empty(batch, L, dim).transpose(1, 2), u.new_empty(batch, dim, N),
             u.new_empty(batch, dim, -(-L // _K_STEPS) if save_states else 0, N))
 
 
@@ -239,7 +240,7 @@ def _bwd_op(dy: torch.Tensor, dlast: Optional[torch.Tensor], u: torch.Tensor, de
             delta_softplus: bool, reverse: bool, need_dh0: bool) -> list[torch.Tensor]:
     batch, dim, L = u.shape
     N = A.shape[1]
-    a = _scan_args(u, delta, A, B, C, D, z, delta_bias, None, seq_idx, delta_softplus, reverse)
+    a = _scan_args(u, delta, A, B, C, D, z, delta_bias, None, seq_idx, delta_softplus, reverse, False)
     nblk = dim // a.cb
     e = lambda: u.new_empty(0)  # an absent gradient (a custom op cannot return None, nor one tensor twice)  # noqa: E731
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
@@ -329,7 +330,7 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 def _scan2d_args(dt, u, A, B, C, right_to_left, bottom_up) -> _Scan2dArgs:
     batch, dim, H, W = u.shape
     N = A.shape[1]
-    a = _Scan2dArgs(batch=batch, dim=dim, H=H, W=W, N=N, cb=_block(dim, N, [B.shape[1], C.shape[1]]),
+    a = _Scan2dArgs(batch=batch, dim=dim, H=H, W=W, N=N, cb=_block(dim, [B.shape[1], C.shape[1]], max(1, _STATES_PER_ITEM // N)),
                     K=max(1, math.isqrt(H - 1) + 1),
                     dpg_B=dim // B.shape[1], dpg_C=dim // C.shape[1], rtl=bool(right_to_left), bu=bool(bottom_up),
                     threads=torch.get_num_threads(), su=_strides(u, 4), sdt=_strides(dt, 4),

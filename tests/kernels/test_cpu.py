@@ -52,7 +52,7 @@ def test_strided_model_layouts_match_the_reference(reverse):
     x = _mamba_like_inputs(dtype=f64)
     assert not x["u"].is_contiguous() and not x["z"].is_contiguous() and x["B"].stride(1) == 1
     got, want = _run(x, "cpu", reverse), _run(x, "ref", reverse)
-    assert got[0].stride(1) == 1  # y keeps the (channel-last) layout of u
+    assert got[0].stride(1) == 1  # y is written channel-last
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"output {i}: {m}")
 
@@ -61,7 +61,7 @@ def test_strided_views_reach_the_kernel_without_copies():
     """The non-dense views keep their strides: the kernel reads them where they are."""
     x = _mamba_like_inputs()
     a = cpu._scan_args(x["u"], x["delta"], x["A"], x["B"].unsqueeze(1), x["C"].unsqueeze(1), x["D"], x["z"],
-                       x["delta_bias"], None, None, True, False)
+                       x["delta_bias"], None, None, True, False, True)
     assert tuple(a.su) == x["u"].stride() and tuple(a.sz) == x["z"].stride()
     assert a.u == x["u"].data_ptr() and a.z == x["z"].data_ptr()
     assert (a.sB[0], a.sB[2]) == (x["B"].stride(0), x["B"].stride(2)) and a.B == x["B"].data_ptr()
