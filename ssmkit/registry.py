@@ -1,18 +1,19 @@
 """The model registry: every domain registers its published configurations here by name.
 
 `create_model(name, **overrides)` builds a registered model; `list_models(pattern)` lists names.
-Domains register with `@register_model` when imported; the registry imports them on first use,
-so `ssmkit.create_model("vim_tiny")` works without importing `ssmkit.vision` by hand.
+The core and the domains register with `@register_model` when imported; the registry imports them on
+first use, so `ssmkit.create_model("vim_tiny")` works without importing `ssmkit.vision` by hand.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 from typing import Callable
 
 import torch.nn as nn
 
-_DOMAINS = ("ssmkit.vision", "ssmkit.audio", "ssmkit.genomics", "ssmkit.medical")
+_DOMAINS = ("ssmkit.core", "ssmkit.vision", "ssmkit.audio", "ssmkit.genomics", "ssmkit.medical")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _domains_loaded = False
 
@@ -48,7 +49,7 @@ def create_model(name: str, **overrides) -> nn.Module:
     """Build the registered model `name`; keyword `overrides` replace configuration fields."""
     _load_domains()
     if name not in _REGISTRY:
-        close = fnmatch.filter(_REGISTRY, f"*{name.split('_')[0]}*")
-        hint = f" Similar: {', '.join(sorted(close))}." if close else ""
+        close = difflib.get_close_matches(name, _REGISTRY, n=4)
+        hint = f" Similar: {', '.join(close)}." if close else ""
         raise KeyError(f"unknown model {name!r}.{hint} See ssmkit.list_models().")
     return _REGISTRY[name](**overrides)

@@ -1,12 +1,12 @@
 """The `ssmkit` command: `ssmkit <application> <command> [options]` and `ssmkit demo`.
 
 Every application module listed in `APPLICATIONS` exposes an `application` object (an
-`ssmkit.apps.runner.Application`); its `commands()` become subcommands whose flags are generated from
-their configuration dataclasses. Several processes: `torchrun --nproc-per-node N --no-python ssmkit
+`ssmkit.apps.application.Application`); its `commands()` become subcommands whose flags are generated
+from their configuration classes. Several processes: `torchrun --nproc-per-node N --no-python ssmkit
 <application> train ...` (or `torchrun ... -m ssmkit.apps.cli ...`).
 
-Exit codes: 0 success, 1 a run that failed with a clear error (`ssmkit: error: ...`), 2 a usage or
-configuration error, 130 interrupted.
+Exit codes: 0 success, 1 a run that failed with a clear error (any `ssmkit.errors.SsmkitError`, printed
+as `ssmkit: error: ...`), 2 a usage or configuration error, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssmkit.apps.config import ConfigError, add_arguments, build_config, option
+from ssmkit.apps.config import add_arguments, build_config, option
+from ssmkit.errors import ConfigError, SsmkitError
 
 __all__ = ["APPLICATIONS", "DemoConfig", "load_applications", "build_parser", "run_demo", "main"]
 
-# application modules, in demo order; each domain issue appends its own
+# application modules, in demo order
 APPLICATIONS = ("ssmkit.apps.seqtask", "ssmkit.apps.classify", "ssmkit.apps.video", "ssmkit.apps.dna",
                 "ssmkit.apps.audio", "ssmkit.apps.mil", "ssmkit.apps.restore")
 
@@ -34,6 +35,7 @@ APPLICATIONS = ("ssmkit.apps.seqtask", "ssmkit.apps.classify", "ssmkit.apps.vide
 class DemoConfig:
     """Options of `ssmkit demo`."""
 
+    title = "demo"
     out_dir: str = option("runs/demo", "folder of the report (index.html, report.md) and of every run")
     smoke: bool = option(False, "tiny sizes that finish in seconds (what the test suite runs)")
     only: str = option("", "comma-separated applications to show (default: all that have a demo)")
@@ -65,12 +67,12 @@ def build_parser(apps: list) -> argparse.ArgumentParser:
         for command in app.commands():
             p = sub.add_parser(command.name, help=command.help, description=command.help,
                                usage="%(prog)s [options]")
-            add_arguments(p, command.config, f"{app.name} options")
+            add_arguments(p, command.config)
             p.set_defaults(_config=command.config, _run=command.run, _parser=p)
     demo = top.add_parser("demo", help="a short tour of every application; writes index.html + report.md",
                           description="Train every application briefly on its embedded data and write a report.",
                           usage="%(prog)s [options]")
-    add_arguments(demo, DemoConfig, "demo options")
+    add_arguments(demo, DemoConfig)
     demo.set_defaults(_config=DemoConfig, _run=lambda cfg: run_demo(cfg, apps), _parser=demo)
     return parser
 
@@ -121,8 +123,6 @@ def run_demo(cfg: DemoConfig, apps: list) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ssmkit` console script; returns the exit code."""
-    from ssmkit.apps.runner import RunError
-
     args, extra = build_parser(load_applications()).parse_known_args(argv)
     if extra:  # name the command whose --help lists the valid flags
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
-    except RunError as e:
+    except SsmkitError as e:
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,39 +1,38 @@
-"""Configuration declared once per application, as a dataclass, and read from flags and TOML files.
+"""Configuration by composition: option groups, one configuration class per command, flags and TOML.
 
-Every field of an application's configuration dataclass becomes a command-line flag (`batch_size` ->
-`--batch-size`) whose help text comes from the field's metadata and shows its default, and a key of
-`--config file.toml`. Values are resolved as: dataclass default < TOML file < command-line flag.
-Supported field types: `int`, `float`, `str` and `bool` (a bool gives `--flag` / `--no-flag`).
+An option group is a dataclass of related options (`RunOptions`, `TrainOptions`, an application's model
+or data options), each field declared once with its help text by `option`. A command's configuration
+class is composed of the groups it uses, with a table of changed defaults:
 
-    @dataclass
-    class SeqConfig(TrainConfig):
-        seq_len: int = option(64, "length of the context the data tokens are scattered in")
+    SeqTrain = compose("SeqTrain", RunOptions, SeedOptions, SeqTask, ModelOptions, TrainOptions, EvalOptions,
+                       DeviceOptions, defaults=dict(model="mamba_lm_tiny", steps=500, lr=1e-2))
+
+Every field becomes a flag (`batch_size` -> `--batch-size`), listed under its group's title in `--help`
+with its default, and a key of `--config file.toml`. Values resolve as: default < TOML file < flag.
+Field types: int, float (finite), str and bool (`--flag` / `--no-flag`). A group may define
+`check(self)` to validate its values (raising ConfigError); the composed class's `validate()` runs them.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import json
 import math
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from ssmkit.errors import ConfigError
 
-__all__ = ["ConfigError", "option", "TrainConfig", "add_arguments", "build_config", "to_toml"]
+__all__ = ["ConfigError", "option", "compose", "given", "replace", "add_arguments", "build_config", "read_toml", "to_toml",
+           "parse_kwargs", "RunOptions", "SeedOptions", "DeviceOptions", "TrainOptions", "EvalOptions", "WeightsOptions",
+           "ModelOptions"]
 
 _TYPES = (bool, int, float, str)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used: unknown TOML key, wrong value type or out-of-range value."""
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -41,12 +40,62 @@ def option(default: Any, help: str, choices: tuple | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters shared by every application (an application's config inherits them)."""
+# ----------------------------------------------------------------------------------------------
+# the shared option groups
 
-    out_dir: str = option("", "run folder for checkpoints, logs and plots (empty: runs/<application>)")
+
+@dataclass
+class RunOptions:
+    """The run folder a command writes or reads."""
+
+    title = "run"
+    out_dir: str = option("", "run folder: config, weights, checkpoints, logs and outputs (empty: runs/<application>)")
+
+
+@dataclass
+class SeedOptions:
+    """The seed of every random draw."""
+
+    title = "seed"
     seed: int = option(0, "seed of model init, data order and every random draw")
+
+    def check(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"seed must not be negative, got {self.seed}")
+
+
+@dataclass
+class DeviceOptions:
+    """Where and in which precision the runner trains or evaluates."""
+
+    title = "device"
+    device: str = option("auto", "where to run (auto: CUDA when available)", ("auto", "cpu", "cuda"))
+    precision: str = option("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU)", ("auto", "bf16", "fp32"))
+    num_workers: int = option(0, "DataLoader worker processes per process")
+
+    def check(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must not be negative, got {self.num_workers}")
+
+
+@dataclass
+class ModelOptions:
+    """Which registered model to build, at its published size unless --model-kwargs changes it."""
+
+    title = "model"
+    model: str = option("", "registered model name (ssmkit.list_models())")
+    model_kwargs: str = option("", "constructor overrides, comma-separated key=value "
+                                   "(e.g. d_model=64,n_layer=2; tuples as (2,2))")
+
+    def check(self) -> None:
+        parse_kwargs(self.model_kwargs, "model_kwargs")
+
+
+@dataclass
+class TrainOptions:
+    """The optimisation: steps, batch, AdamW with warm-up + cosine, checkpoints and logs."""
+
+    title = "training"
     steps: int = option(1000, "optimizer steps to train for")
     epochs: float = option(0.0, "if > 0: train for this many passes over the training set instead of --steps")
     batch_size: int = option(32, "samples per optimizer step, summed over all processes and accumulation steps")
@@ -54,39 +103,55 @@ class TrainConfig:
     lr: float = option(1e-3, "peak learning rate of AdamW")
     min_lr_ratio: float = option(0.1, "final learning rate of the cosine schedule, as a fraction of --lr")
     warmup_steps: int = option(100, "steps of linear learning-rate warm-up from 0")
-    weight_decay: float = option(0.05, "AdamW weight decay (never on norms, biases, A_log, D)")
+    weight_decay: float = option(0.05, "AdamW weight decay (never on norms, biases or SSM parameters)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.999, "AdamW beta2")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
     ema_decay: float = option(0.0, "keep an EMA of the weights with this decay, used for eval (0: off)")
     eval_every: int = option(0, "evaluate every N steps (0: only at the end)")
-    eval_batch_size: int = option(0, "samples per eval forward pass and process (0: the training micro-batch)")
     checkpoint_every: int = option(500, "write a resumable checkpoint every N steps (and at the end)")
     keep_checkpoints: int = option(1, "how many of the newest resumable checkpoints to keep")
     best_metric: str = option("", "eval metric that selects best.safetensors (empty: the application's first)")
     log_every: int = option(20, "print and log the training metrics every N steps")
-    num_workers: int = option(0, "DataLoader worker processes per training process")
-    device: str = option("auto", "where to train (auto: CUDA when available)", ("auto", "cpu", "cuda"))
-    precision: str = option("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU)", ("auto", "bf16", "fp32"))
-    resume: bool = option(False, "continue the run in --out-dir from its newest checkpoint")
+    resume: bool = option(False, "continue the run in --out-dir from its newest checkpoint (same options; "
+                                    "--steps may grow to train further)")
     overwrite: bool = option(False, "replace the checkpoints and logs of a run already in --out-dir")
 
-    def validate(self) -> None:
-        """Raise ConfigError for values no run can use (subclasses extend it and call super)."""
-        if self.seed < 0:
-            raise ConfigError(f"seed must not be negative, got {self.seed}")
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints")
-        for name in positive:
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("epochs", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
-                     "eval_every", "eval_batch_size", "num_workers"):
+        for name in ("epochs", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not (0 <= self.ema_decay < 1):
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+
+
+@dataclass
+class EvalOptions:
+    """How evaluation batches the eval set."""
+
+    title = "evaluation"
+    eval_batch_size: int = option(0, "samples per eval forward pass and process (0: the training micro-batch)")
+
+    def check(self) -> None:
+        if self.eval_batch_size < 0:
+            raise ConfigError(f"eval_batch_size must not be negative, got {self.eval_batch_size}")
+
+
+@dataclass
+class WeightsOptions:
+    """Which weights of the run folder a command uses."""
+
+    title = "weights"
+    weights: str = option("", "weights file (empty: the run's best.safetensors, else its model.safetensors)")
+
+
+# ----------------------------------------------------------------------------------------------
+# composition
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
@@ -101,6 +166,55 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
     return out
 
 
+def compose(name: str, *groups: type, defaults: dict[str, Any] | None = None, doc: str = "") -> type:
+    """A configuration class with the fields of `groups`, in order, and `defaults` replacing field defaults.
+
+    The class inherits from the groups (their properties and `check` methods apply), remembers which
+    group each field belongs to (`--help` lists them by group), and its `validate()` runs every group's
+    `check`."""
+    owner: dict[str, type] = {}
+    for group in groups:
+        for f in dataclasses.fields(group):
+            if f.name in owner:
+                raise TypeError(f"{name}: option {f.name!r} is in both {owner[f.name].__name__} and {group.__name__}")
+            owner[f.name] = group
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - set(owner))
+    if unknown:
+        raise TypeError(f"{name}: defaults for options it does not have: {', '.join(unknown)}")
+    hints = {k: v for g in groups for k, v in typing.get_type_hints(g).items()}
+    changed = [(k, hints[k], dataclasses.field(default=v, metadata=next(
+        f.metadata for f in dataclasses.fields(owner[k]) if f.name == k))) for k, v in defaults.items()]
+
+    def validate(self) -> None:
+        for group in groups:
+            check = getattr(group, "check", None)
+            if check is not None:
+                check(self)
+
+    cls = dataclasses.make_dataclass(name, changed, bases=tuple(reversed(groups)),
+                                     namespace={"validate": validate, "__doc__": doc or groups[0].__doc__})
+    cls.__option_groups__ = tuple((getattr(g, "title", g.__name__), tuple(f.name for f in dataclasses.fields(g)))
+                                  for g in groups)
+    return cls
+
+
+def given(cfg: Any) -> frozenset[str]:
+    """The options of `cfg` that were set by a flag or a TOML file (not left at their defaults)."""
+    return getattr(cfg, "_given", frozenset())
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` that keeps the record of which options were given."""
+    out = dataclasses.replace(cfg, **changes)
+    object.__setattr__(out, "_given", given(cfg))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# flags, TOML
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -111,27 +225,24 @@ def _help(f: dataclasses.Field) -> str:
     return f"{text} (default: {default})".replace("%", "%%")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str = "options") -> None:
-    """Add one flag per field of dataclass `cls` to `parser`, plus `--config FILE.toml`.
-
-    Fields inherited from `TrainConfig` are listed under "training options", the others under
-    `title`. Flags default to `argparse.SUPPRESS`, so the parsed namespace holds only what
-    was typed and `build_config` can layer it over the TOML file.
-    """
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of `cls` to `parser` (one argument group per option group), plus
+    `--config FILE.toml`. Flags default to `argparse.SUPPRESS`, so the parsed namespace holds only what
+    was typed and `build_config` can layer it over the TOML file."""
     parser.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
                         help="read options from a TOML file of `name = value` lines; flags override it")
-    shared = {f.name for f in dataclasses.fields(TrainConfig)} if issubclass(cls, TrainConfig) else set()
-    own = parser.add_argument_group(title)
-    train = parser.add_argument_group("training options") if shared else own
-    for f, kind in _fields(cls):
-        group = train if f.name in shared else own
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f))
-        if kind is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            choices = f.metadata.get("choices")
-            group.add_argument(_flag(f.name), type=kind, choices=choices,
-                               metavar=None if choices else kind.__name__.upper(), **kwargs)
+    fields = dict((f.name, (f, kind)) for f, kind in _fields(cls))
+    for title, names in getattr(cls, "__option_groups__", ((getattr(cls, "title", ""), tuple(fields)),)):
+        group = parser.add_argument_group(f"{title} options" if title else "options")
+        for name in names:
+            f, kind = fields[name]
+            kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f))
+            if kind is bool:
+                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            else:
+                choices = f.metadata.get("choices")
+                group.add_argument(_flag(f.name), type=kind, choices=choices,
+                                   metavar=None if choices else kind.__name__.upper(), **kwargs)
 
 
 def _check_value(f: dataclasses.Field, kind: type, value: Any, where: str) -> Any:
@@ -140,6 +251,8 @@ def _check_value(f: dataclasses.Field, kind: type, value: Any, where: str) -> An
         value = float(value)
     if type(value) is not kind:
         raise ConfigError(f"{where}: {f.name} must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: {f.name} must be a finite number, got {value}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where}: {f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -168,14 +281,16 @@ def read_toml(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 def build_config(cls: type, args: argparse.Namespace | dict[str, Any] | None = None):
-    """An instance of `cls`: defaults, then the TOML file named by `config`, then the other values."""
-    given = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
+    """An instance of `cls`: defaults, then the TOML file named by `config`, then the other values;
+    validated, and remembering which options were given (`given(cfg)`)."""
+    values_in = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
     names = {f.name: (f, kind) for f, kind in _fields(cls)}
-    values = read_toml(given.pop("config"), cls) if "config" in given else {}
-    for name, value in given.items():
+    values = read_toml(values_in.pop("config"), cls) if "config" in values_in else {}
+    for name, value in values_in.items():
         if name in names:
             values[name] = _check_value(*names[name], value, "option")
     cfg = cls(**values)
+    object.__setattr__(cfg, "_given", frozenset(values))
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate()
@@ -185,8 +300,6 @@ def build_config(cls: type, args: argparse.Namespace | dict[str, Any] | None = N
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(value)  # a JSON string is a valid TOML basic string
@@ -196,3 +309,44 @@ def to_toml(cfg: Any, exclude: tuple[str, ...] = ()) -> str:
     """`cfg` as TOML text that `--config` reads back to the same configuration (less `exclude`)."""
     return "".join(f"{f.name} = {_toml_value(getattr(cfg, f.name))}\n"
                    for f in dataclasses.fields(cfg) if f.name not in exclude)
+
+
+# ----------------------------------------------------------------------------------------------
+# key=value lists
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas that are not inside brackets, parentheses or quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_kwargs(text: str, what: str = "kwargs") -> dict[str, Any]:
+    """`"a=1,b=0.5,c=true,d=name,e=(2,2)"` -> {"a": 1, "b": 0.5, "c": True, "d": "name", "e": (2, 2)}:
+    Python literals (numbers, tuples, lists, quoted strings, True/False/None, also true/false); anything
+    else is a plain string."""
+    out = {}
+    for item in _split_top_level(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"{what}: {item!r} is not key=value")
+        value = value.strip()
+        lowered = {"true": "True", "false": "False", "none": "None"}.get(value.lower(), value)
+        try:
+            out[key.strip()] = ast.literal_eval(lowered)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out

@@ -1,23 +1,15 @@
 """The one training loop of every application, single-process or DistributedDataParallel.
 
-An application (a subclass of `Application`) says *what* to train: its configuration dataclass, model,
-datasets, loss on a batch and evaluation metrics. `Runner` owns *how*: data order, AdamW with a
-warm-up + cosine schedule, gradient accumulation and clipping, bf16 autocast on CUDA, an optional
-EMA of the weights, evaluation and best-checkpoint selection, atomic resumable checkpoints, logs,
-a progress bar and curve plots.
+An `Application` (ssmkit/apps/application.py) says *what* to train; `Runner` owns *how*: data order,
+AdamW with a warm-up + cosine schedule, gradient accumulation and clipping, bf16 autocast on CUDA, an
+optional EMA of the weights, evaluation and best-checkpoint selection, atomic resumable checkpoints in
+the run folder (ssmkit/apps/run_folder.py), logs, a progress bar and curve plots.
 
-Launched by `torchrun` (the `WORLD_SIZE` variable is set) the runner joins the process group (gloo
-on CPU, NCCL on CUDA) and wraps the model in DistributedDataParallel; only rank 0 writes files and
-prints, and metrics are reduced over all ranks. `batch_size` is the global batch of one optimizer
-step, so a run gives the same result on any number of processes.
-
-Run folder (`out_dir`):
-    config.toml                    the resolved configuration, less --resume/--overwrite (`--config`)
-    checkpoints/step_00000100/     model.safetensors [+ ema.safetensors] + state.pt (optimizer,
-                                   scheduler, step, data-order position, RNG states of every rank)
-    best.safetensors               weights with the best `best_metric` so far (EMA weights with EMA)
-    model.safetensors              final weights [+ model_ema.safetensors]
-    metrics.jsonl, train_log.csv, eval_log.csv, plots/*.png
+Under `torchrun` the processes (ssmkit/apps/distributed.py) join a process group when a run starts;
+only rank 0 writes files and prints, and metrics are reduced over all ranks. `batch_size` is the
+global batch of one optimizer step, so a run gives the same result on any number of processes.
+`--resume` continues a run from its newest checkpoint bit for bit, and refuses options that would
+make it another run.
 """
 from __future__ import annotations
 
@@ -25,147 +17,41 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
-from ssmkit.apps.config import TrainConfig, option, to_toml
-from ssmkit.apps.report import MetricLog, ReportSection, plot_curves
+from ssmkit.apps.application import Application, RunContext, RunSpec, check_same_data, load_run
+from ssmkit.apps.distributed import Processes
+from ssmkit.apps.report import MetricLog, plot_curves
+from ssmkit.apps.run_folder import RunFolder, load_weights, save_weights
+from ssmkit.errors import RunError
+from ssmkit.util import derive_seed
 
-__all__ = [
-    "Application",
-    "Command",
-    "RunError",
-    "RunResult",
-    "Runner",
-    "TrainConfig",
-    "eval_config",
-    "load_weights",
-    "parameter_groups",
-]
+__all__ = ["Runner", "RunResult", "evaluate_run", "parameter_groups", "warmup_cosine", "EpochBatches",
+           "seed_everything"]
 
 # parameters that never get weight decay, by name (SSM dynamics); models may also mark more
 NO_WEIGHT_DECAY_NAMES = frozenset({"A_log", "D"})
-# what --overwrite removes (plots/*.png and checkpoints/step_* besides)
-_RUN_FILES = ("best.safetensors", "model.safetensors", "model_ema.safetensors", "metrics.jsonl",
-              "train_log.csv", "eval_log.csv", "config.toml", "eval.json")
-_CHECKPOINT_FORMAT = 1
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on as asked; the message names the path or value and the problem."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The application interface
-
-
-@dataclass
-class Command:
-    """One `ssmkit <application> <name>` subcommand: flags come from `config`, then `run(cfg)` runs."""
-
-    name: str
-    help: str
-    config: type
-    run: Callable[[Any], Any]
-
-
-class Application(ABC):
-    """What a domain implements to train, evaluate and demo a model with the shared runner.
-
-    Class attributes:
-        name     the CLI subcommand (`ssmkit <name> train`) and the default run folder `runs/<name>`
-        help     one line for `ssmkit --help`
-        config   the configuration dataclass, a subclass of `TrainConfig` (its defaults are the
-                 application's defaults; override inherited fields by redeclaring them)
-        metrics  eval metric name -> "max" or "min" (which direction is better); the first one
-                 selects `best.safetensors` unless `--best-metric` names another
-
-    The runner calls `build_datasets` and `build_model` once per run, then `train_loss` on every
-    micro-batch and `eval_step` on every eval batch; `compute_metrics` turns the eval outputs of
-    the whole eval set (gathered from all processes) into numbers.
-    """
-
-    name: str = ""
-    help: str = ""
-    config: type[TrainConfig] = TrainConfig
-    metrics: dict[str, str] = {}
-
-    @abstractmethod
-    def build_model(self, cfg) -> nn.Module:
-        """The model, on CPU in fp32 (the runner moves it and picks the precision)."""
-
-    @abstractmethod
-    def build_datasets(self, cfg) -> tuple[Dataset, Dataset | None]:
-        """(train, eval) map-style datasets; eval may be None. A dataset with a `set_epoch(epoch)`
-        method is told each epoch before it is read (to draw fresh random samples reproducibly)."""
-
-    @abstractmethod
-    def train_loss(self, model: nn.Module, batch) -> torch.Tensor:
-        """The scalar loss of one batch (a mean over its samples). `model` may be wrapped in
-        DistributedDataParallel: call it, do not reach into its attributes."""
-
-    @abstractmethod
-    def eval_step(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        """Per-sample outputs of one eval batch: each value has the batch as its first dimension."""
-
-    def compute_metrics(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Metrics of the whole eval set from the concatenated `eval_step` outputs (in dataset order).
-        The default is the mean of every output; override for AUC, c-index and other non-means."""
-        return {key: value.double().mean().item() for key, value in outputs.items()}
-
-    def collate(self, samples: list) -> Any:
-        """Make a batch of a list of dataset items."""
-        return default_collate(samples)
-
-    def commands(self) -> list[Command]:
-        """The subcommands; extend with `super().commands() + [Command(...)]` for predict, generate..."""
-        return [
-            Command("train", f"train {self.name} (resumable; torchrun for several processes)",
-                    self.config, lambda cfg: Runner(self, cfg).train()),
-            Command("eval", f"evaluate {self.name} weights on the eval set",
-                    eval_config(self.config), lambda cfg: Runner(self, cfg).evaluate(cfg.weights)),
-        ]
-
-    def demo(self, out_dir: Path, smoke: bool) -> ReportSection | None:
-        """Train and show this application on its embedded data for `ssmkit demo`, writing its runs
-        under `out_dir / self.name`; `smoke` asks for a seconds-long version (the test suite runs it).
-        None: the application has no demo section."""
-        return None
-
-
-@functools.cache
-def eval_config(cls: type) -> type:
-    """`cls` plus a `weights` field: the configuration of an application's `eval` command."""
-    return dataclasses.make_dataclass(
-        f"{cls.__name__}Eval",
-        [("weights", str, option("", "weights to evaluate (empty: out_dir/best.safetensors, "
-                                     "else out_dir/model.safetensors)"))],
-        bases=(cls,),
-    )
+# options that may differ on --resume: they change neither the weights nor the recorded results
+# (`steps` may also grow: the run continues to the new total)
+RESUME_NEUTRAL = frozenset({"resume", "overwrite", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints"})
 
 
 @dataclass
 class RunResult:
-    """What `Runner.train` / `Runner.evaluate` produced."""
+    """What `Runner.train` / `evaluate_run` produced."""
 
     out_dir: Path
     step: int
@@ -173,15 +59,12 @@ class RunResult:
     best: dict[str, Any] | None  # {"metric", "value", "step"} of best.safetensors
     wall_s: float
     plots: list[Path]
+    model: nn.Module | None = None  # the trained (or evaluated) model, in eval mode
+    meta: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers (e.g. seed, epoch): no collisions like seed+epoch."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def seed_everything(seed: int) -> None:
@@ -283,67 +166,10 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it over `path`:
-    a crash leaves either the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def model_signature(app: Application, model: nn.Module) -> dict[str, Any]:
     """Identity of a model for resume checks: application, class, parameter names and shapes."""
     return {"app": app.name, "model": type(model).__name__,
             "params": {k: list(v.shape) for k, v in model.state_dict().items()}}
-
-
-def load_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
-    """Load a safetensors file written by the runner (or any matching one) into `model`, with a
-    clear RunError when it is missing or holds another model's weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"weights file {path} does not exist")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("model", type(model).__name__) != type(model).__name__:
-        raise RunError(f"{path} holds weights of {meta.get('ssmkit_app', '?')}/{meta['model']}, "
-                       f"not of {type(model).__name__}")
-    try:
-        load_model(model, str(path), device=str(device))
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        raise RunError(f"{path} does not fit this {type(model).__name__}: {' '.join(lines[:3])[:400]}") from None
-
-
-def _read_state(checkpoint: Path) -> dict[str, Any]:
-    """The state.pt of a checkpoint folder, or a RunError saying why it cannot be used."""
-    try:
-        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
-        raise RunError(f"{checkpoint} is not a checkpoint of this ssmkit version (format "
-                       f"{state.get('format') if isinstance(state, dict) else '?'}, expected {_CHECKPOINT_FORMAT})")
-    return state
 
 
 def _signature_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -356,13 +182,25 @@ def _signature_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str |
     return None
 
 
+def _changed_options(saved: dict[str, Any], cfg) -> list[str]:
+    """The options of `cfg` that differ from a checkpoint's saved configuration, as `--name a (run: b)`."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        if f.name in RESUME_NEUTRAL or f.name not in saved or f.name == "steps" and cfg.steps >= saved["steps"]:
+            continue
+        value = getattr(cfg, f.name)
+        if value != saved[f.name]:
+            out.append(f"--{f.name.replace('_', '-')} {value!r} (the run's: {saved[f.name]!r})")
+    return out
+
+
 class _Window:
     """Training loss and timing since the last log line (the loss stays on the device until then)."""
 
     def __init__(self, step: int, device: torch.device):
         self.loss = torch.zeros((), device=device)
         self.first_step, self.run_start = step, time.perf_counter()
-        self.reset()
+        self.steps, self.start = 0, self.run_start
 
     def reset(self) -> None:
         self.loss.zero_()
@@ -372,11 +210,9 @@ class _Window:
         self.loss += loss
         self.steps += 1
 
-    def mean_loss(self, world: int) -> float:
+    def mean_loss(self, procs: Processes) -> float:
         """Mean loss per step over the window and all ranks (a collective when world > 1)."""
-        stats = torch.stack([self.loss, torch.tensor(float(self.steps), device=self.loss.device)])
-        if world > 1:
-            dist.all_reduce(stats)
+        stats = procs.all_reduce(torch.stack([self.loss, torch.tensor(float(self.steps), device=self.loss.device)]))
         return (stats[0] / stats[1]).item()
 
     def eta(self, step: int, total: int) -> float:
@@ -389,76 +225,45 @@ class _Window:
 
 
 class Runner:
-    """Trains or evaluates one `Application` with one configuration (see the module docstring).
+    """Trains (or evaluates) one `Application` with one configuration (see the module docstring)."""
 
-    After `train()`, `runner.model` holds the trained model (unwrapped, on the training device) and
-    `runner.ema` its EMA copy or None; after `evaluate()`, `runner.model` holds the evaluated weights.
-    """
-
-    def __init__(self, app: Application, cfg: TrainConfig):
+    def __init__(self, app: Application, cfg):
         self.app, self.cfg = app, cfg
-        self.out_dir = Path(cfg.out_dir or f"runs/{app.name}")
-        if "WORLD_SIZE" in os.environ:
-            self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        else:
-            self.rank, self.world, local_rank = 0, 1, 0
-        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if cuda and not torch.cuda.is_available():
-            raise RunError("--device cuda was asked for, but torch sees no CUDA device")
-        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
+        self.folder = RunFolder.of(cfg, app.name)
+        self.procs = Processes.from_env(cfg.device)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.procs.device.type == "cuda")
+        self.autocast = functools.partial(torch.autocast, self.procs.device.type, dtype=torch.bfloat16,
                                           enabled=use_bf16)
-        self.main = self.rank == 0
         self._bar: tqdm | None = None
+        # the training state (set up by train())
+        self.model: nn.Module | None = None
+        self.ema: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.step = 0
+        self.best: dict[str, Any] | None = None
+        self.last_eval: dict[str, Any] = {"step": -1, "metrics": {}}
+        self.log: MetricLog | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.procs.device
 
     # -- small helpers -------------------------------------------------------------------------
 
     def say(self, message: str) -> None:
         """Print a log line on rank 0 (above the progress bar when there is one)."""
-        if not self.main:
+        if not self.procs.main:
             return
         if self._bar is not None and not self._bar.disable:
             self._bar.write(message, file=sys.stdout)
         else:
             print(message, flush=True)
 
-    def _broadcast(self, obj):
-        """`obj` of rank 0, on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _on_main(self, fn: Callable[[], Any]):
-        """Run `fn` on rank 0 only and give its result to every rank; when it fails, every rank
-        raises (rank 0 its own exception, the others a RunError naming it) instead of hanging."""
-        result, error, failure = None, None, None
-        if self.main:
-            try:
-                result = fn()
-            except Exception as e:
-                failure, error = e, str(e) if isinstance(e, RunError) else f"rank 0 failed: {type(e).__name__}: {e}"
-        result, error = self._broadcast((result, error))
-        if failure is not None:
-            raise failure
-        if error is not None:
-            raise RunError(error)
-        return result
-
-    def _datasets(self) -> tuple[Dataset, Dataset | None]:
+    def _setup(self) -> RunSpec:
+        self.procs.on_main(lambda: self.app.prepare(self.cfg))
         seed_everything(self.cfg.seed)
-        return self.app.build_datasets(self.cfg)
-
-    def _model(self) -> nn.Module:
-        seed_everything(self.cfg.seed)
-        return self.app.build_model(self.cfg).to(self.device)
+        return self.app.setup(self.cfg)
 
     def _best_metric(self) -> str | None:
         name = self.cfg.best_metric or next(iter(self.app.metrics), None)
@@ -468,103 +273,77 @@ class Runner:
         return name
 
     def _micro_batch(self, n_train: int) -> int:
-        cfg, parts = self.cfg, self.world * self.cfg.grad_accum
+        cfg, parts = self.cfg, self.procs.world * self.cfg.grad_accum
         if cfg.batch_size > n_train:
             raise RunError(f"batch_size {cfg.batch_size} is larger than the training set of {self.app.name} "
                            f"({n_train} samples); lower --batch-size")
         if cfg.batch_size % parts:
             raise RunError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
-                           f"= {self.world} x {cfg.grad_accum}")
+                           f"= {self.procs.world} x {cfg.grad_accum}")
         return cfg.batch_size // parts
 
-    # -- checkpoints -----------------------------------------------------------------------------
+    # -- the run folder -------------------------------------------------------------------------
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoints"
-
-    def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint folder of the run in `out_dir`, if any."""
-        found = sorted(self.checkpoint_dir.glob("step_*")) if self.checkpoint_dir.is_dir() else []
-        return found[-1] if found else None
-
-    def _prepare_out_dir(self, signature: dict[str, Any]) -> Path | None:
-        """Rank 0: check `out_dir` against --resume/--overwrite; returns the checkpoint to resume from."""
-        cfg, out = self.cfg, self.out_dir
-        latest = self.latest_checkpoint()
+    def _prepare_folder(self, signature: dict[str, Any], n_train: int) -> Path | None:
+        """Rank 0: check the run folder against --resume/--overwrite; returns the checkpoint to resume from."""
+        cfg, folder = self.cfg, self.folder
+        latest = folder.latest_checkpoint()
         if cfg.resume and latest is not None:
-            state = _read_state(latest)
+            state = folder.read_state(latest)
             problem = _signature_mismatch(state["signature"], signature)
             if problem:
                 raise RunError(f"cannot resume from {latest}: it belongs to another model ({problem})")
-            saved_b, saved_n = state["config"]["batch_size"], state["n_train"]
-            if (saved_b, saved_n) != (cfg.batch_size, self._n_train):
-                raise RunError(f"cannot resume from {latest}: it was trained with batch_size {saved_b} on "
-                               f"{saved_n} samples, this run has {cfg.batch_size} on {self._n_train}")
+            changed = _changed_options(state["config"], cfg)
+            if changed:
+                raise RunError(f"cannot resume from {latest} with {', '.join(changed)}: --resume continues the "
+                               f"same run; start a new one with --overwrite or another --out-dir")
+            if cfg.steps != state["config"]["steps"]:
+                self.say(f"note: continuing to {cfg.steps} steps (the run had {state['config']['steps']}); the "
+                         f"learning-rate schedule follows the new total from here")
+            if state["n_train"] != n_train:
+                raise RunError(f"cannot resume from {latest}: it was trained on {state['n_train']} samples, the "
+                               f"data give {n_train} now")
             return latest
-        existing = [out / name for name in ("best.safetensors", "model.safetensors") if (out / name).exists()]
-        if (latest is not None or existing) and not (cfg.overwrite or cfg.resume):
-            raise RunError(f"{out} already holds the checkpoints of another run ({latest or existing[0]}); pass "
-                           f"--resume to continue it, --overwrite to replace it, or choose another --out-dir")
+        existing = folder.has_run()
+        if existing is not None and not (cfg.overwrite or cfg.resume):
+            raise RunError(f"{folder} already holds the checkpoints of another run ({existing}); pass --resume to "
+                           f"continue it, --overwrite to replace it, or choose another --out-dir")
         if cfg.overwrite or cfg.resume:
-            for path in [*self.checkpoint_dir.glob("step_*"), *self.checkpoint_dir.glob(".step_*.tmp")]:
-                shutil.rmtree(path)
-            for path in [*(out / name for name in _RUN_FILES), *(out / "plots").glob("*.png")]:
-                path.unlink(missing_ok=True)
+            folder.clear()
         if cfg.resume:
-            self.say(f"no checkpoint in {self.checkpoint_dir}: starting a new run")
+            self.say(f"no checkpoint in {folder.checkpoints}: starting a new run")
         return None
 
     def _save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Write checkpoint `step_<step>` atomically: a temporary folder, fsynced, renamed into place;
-        then drop all but the newest `keep_checkpoints`. Every rank calls it (RNG states are gathered)."""
-        rng = [_rng_state(self.device)]
-        if self.world > 1:
-            rng = [None] * self.world
-            dist.all_gather_object(rng, _rng_state(self.device))
-        if not self.main:
-            return
-        state = dict(state, rng=rng)
-        final = self.checkpoint_dir / f"step_{state['step']:08d}"
-        tmp = self.checkpoint_dir / f".{final.name}.tmp"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
-            meta = self._weights_metadata(state["step"])
-            save_model(self.model, str(tmp / "model.safetensors"), metadata=meta)
-            if self.ema is not None:
-                save_model(self.ema, str(tmp / "ema.safetensors"), metadata=meta)
-            torch.save(state, tmp / "state.pt")
-            for f in tmp.iterdir():
-                _fsync_file(f)
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(self.checkpoint_dir)
-        for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-
-    def _weights_metadata(self, step: int, **extra: Any) -> dict[str, str]:
-        return {"ssmkit_app": self.app.name, "model": type(self.model).__name__, "step": str(step),
-                **{k: str(v) for k, v in extra.items()}}
+        """Every rank gathers its RNG state; rank 0 writes checkpoint `step_<step>` atomically."""
+        rng = self.procs.gather(_rng_state(self.device))
+        if self.procs.main:
+            weights = {"model.safetensors": self.model, **({"ema.safetensors": self.ema} if self.ema else {})}
+            self.folder.save_checkpoint(dict(state, rng=rng), weights, self.cfg.keep_checkpoints)
 
     def _save_weights(self, module: nn.Module, path: Path, **extra: Any) -> None:
-        """Rank 0: weights of `module` to `path` (safetensors), atomically."""
-        meta = self._weights_metadata(self.step, **extra)
-        atomic_write(path, lambda tmp: save_model(module, str(tmp), metadata=meta))
+        save_weights(module, path, ssmkit_app=self.app.name, step=self.step, **extra)
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Rank 0: the tensors and state of checkpoint folder `path`, to broadcast to every rank."""
+        state = self.folder.read_state(path)
+        load_weights(self.model, path / "model.safetensors", self.device)
+        model = {k: v.cpu() for k, v in self.model.state_dict().items()}
+        ema = None
+        if self.ema is not None and (path / "ema.safetensors").exists():
+            load_weights(self.ema, path / "ema.safetensors", self.device)
+            ema = {k: v.cpu() for k, v in self.ema.state_dict().items()}
+        return {"state": state, "model": model, "ema": ema}
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def _evaluate(self, model: nn.Module, eval_set: Dataset, batch_size: int) -> dict[str, float]:
+    def evaluate_model(self, model: nn.Module, eval_set: Dataset, batch_size: int,
+                       ctx: RunContext) -> dict[str, float]:
         """Metrics of `model` on `eval_set`: each rank runs a contiguous shard, outputs are gathered
         in dataset order, every rank computes the same metrics."""
+        procs = self.procs
         n = len(eval_set)
-        shard = range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+        shard = range(n * procs.rank // procs.world, n * (procs.rank + 1) // procs.world)
         loader = DataLoader(Subset(eval_set, shard), batch_size=batch_size, shuffle=False,
                             collate_fn=self.app.collate, num_workers=self.cfg.num_workers)
         chunks: dict[str, list[torch.Tensor]] = {}
@@ -573,119 +352,120 @@ class Runner:
         with torch.no_grad():
             for batch in loader:
                 with self.autocast():
-                    out = self.app.eval_step(model, _to_device(batch, self.device))
+                    out = self.app.eval_step(model, _to_device(batch, self.device), ctx)
                 for key, value in out.items():
                     value = value.detach().cpu()
                     chunks.setdefault(key, []).append(value.float() if value.is_floating_point() else value)
         model.train(was_training)
-        parts = [chunks]
-        if self.world > 1:
-            parts = [None] * self.world
-            dist.all_gather_object(parts, chunks)
+        parts = procs.gather(chunks)
         keys = [k for part in parts for k in part]
         outputs = {k: torch.cat([t for part in parts for t in part.get(k, [])]) for k in dict.fromkeys(keys)}
-        return self.app.compute_metrics(outputs)
+        return self.app.compute_metrics(outputs, ctx)
 
-    def evaluate(self, weights: str = "") -> RunResult:
-        """Evaluate saved weights (default: out_dir/best.safetensors, else model.safetensors); prints
-        the metrics and writes them to out_dir/eval.json."""
-        start = time.perf_counter()
-        _, eval_set = self._datasets()
-        if eval_set is None:
-            raise RunError(f"{self.app.name} has no eval set to evaluate on")
-        self.model = self._model()
-        if weights:
-            path = Path(weights)
-        else:
-            best = self.out_dir / "best.safetensors"
-            path = best if best.exists() else self.out_dir / "model.safetensors"
-        load_weights(self.model, path, self.device)
-        with safe_open(str(path), "pt") as f:
-            self.step = int((f.metadata() or {}).get("step", 0))
-        batch = self.cfg.eval_batch_size or max(1, self.cfg.batch_size // self.cfg.grad_accum)
-        metrics = self._evaluate(self.model, eval_set, batch)
-        self.say(f"{self.app.name} eval of {path}: " + _format_metrics(metrics))
-        if self.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            record = {"weights": str(path), "step": self.step, **metrics}
-            atomic_write(self.out_dir / "eval.json",
-                         lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
-        return RunResult(self.out_dir, self.step, metrics, None, time.perf_counter() - start, [])
+    def _eval_and_select(self, eval_set: Dataset, batch_size: int, best_metric: str | None,
+                         ctx: RunContext) -> None:
+        """Evaluate (the EMA weights when there are), log, and keep best.safetensors up to date."""
+        metrics = self.evaluate_model(self.ema or self.model, eval_set, batch_size, ctx)
+        self.last_eval = {"step": self.step, "metrics": metrics}
+        self.say(f"{self.app.name} eval at step {self.step}: {_format_metrics(metrics)}")
+        if self.log is not None:
+            self.log.append({"split": "eval", "step": self.step, **metrics})
+        self.best = self._update_best(self.best, best_metric, metrics)
+
+    def _update_best(self, best, metric: str | None, metrics: dict[str, float]):
+        """Keep best.safetensors on the best value of `metric` so far; returns the new best record."""
+        if metric is None:
+            return best
+        if metric not in metrics:
+            raise RunError(f"{self.app.name}'s compute_metrics returned no {metric!r} "
+                           f"(it returned {', '.join(metrics) or 'nothing'})")
+        value = metrics[metric]
+        sign = 1 if self.app.metrics[metric] == "max" else -1
+        if math.isnan(value) or (best is not None and sign * value <= sign * best["value"]):
+            return best
+        if self.procs.main:
+            self._save_weights(self.ema or self.model, self.folder.best, metric=metric, value=value)
+        return {"metric": metric, "value": value, "step": self.step}
 
     # -- training --------------------------------------------------------------------------------
 
     def train(self) -> RunResult:
-        """Train to the configured number of steps, resuming from `out_dir` with --resume."""
-        cfg, app = self.cfg, self.app
+        """Train to the configured number of steps, resuming from the run folder with --resume."""
+        cfg, app, procs = self.cfg, self.app, self.procs
         start_time = time.perf_counter()
-        train_set, eval_set = self._datasets()
-        self._n_train = len(train_set)
-        micro = self._micro_batch(self._n_train)
-        steps_per_epoch = self._n_train // cfg.batch_size
+        procs.join()
+        spec = self._setup()
+        if spec.train is None:
+            raise RunError(f"{app.name} has no training data for this configuration")
+        ctx = RunContext(cfg, spec.meta)
+        n_train = len(spec.train)
+        micro = self._micro_batch(n_train)
+        steps_per_epoch = n_train // cfg.batch_size
         total = max(1, round(cfg.epochs * steps_per_epoch)) if cfg.epochs > 0 else cfg.steps
         eval_batch = cfg.eval_batch_size or micro
         best_metric = self._best_metric()
 
-        self.model = self._model()
+        seed_everything(cfg.seed)
+        self.model = app.build_model(ctx).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(total, cfg.warmup_steps, cfg.min_lr_ratio))
         signature = model_signature(app, self.model)
-        resume_from = self._on_main(lambda: self._prepare_out_dir(signature))
-        self.step, self.best, self.last_eval = 0, None, {"step": -1, "metrics": {}}
+        resume_from = procs.on_main(lambda: self._prepare_folder(signature, n_train))
         if resume_from is not None:
             self._resume(resume_from, total)
         else:
-            seed_everything(derive_seed(cfg.seed, self.rank))
+            seed_everything(derive_seed(cfg.seed, procs.rank))
 
-        self.log = MetricLog(self.out_dir, keep_until=self.step) if self.main else None
-        if self.main:
-            # resume/overwrite act on one invocation: a rerun with this file must not overwrite by itself
-            text = to_toml(cfg, exclude=("resume", "overwrite"))
-            atomic_write(self.out_dir / "config.toml", lambda tmp: tmp.write_text(text))
+        if procs.main:
+            self.log = MetricLog(self.folder.path, keep_until=self.step)
+            self.folder.write_config(cfg)
+            self.folder.write_meta(spec.meta)
         ddp = self.model
-        if self.world > 1:
-            ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                          else None)
+        if procs.world > 1:
+            ddp = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                          if self.device.type == "cuda" else None)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.say(f"{app.name}: {type(self.model).__name__} with {n_params:,} parameters, {total} steps of "
-                 f"{cfg.batch_size} samples ({self.world} process{'es' if self.world > 1 else ''} x "
+                 f"{cfg.batch_size} samples ({procs.world} process{'es' if procs.world > 1 else ''} x "
                  f"{cfg.grad_accum} micro-batch{'es' if cfg.grad_accum > 1 else ''} of {micro}) on "
-                 f"{self.device.type}, {self._n_train} training samples, run folder {self.out_dir}")
+                 f"{self.device.type}, {n_train} training samples"
+                 + (f", eval on {spec.eval_data}" if spec.eval is not None and spec.eval_data else "")
+                 + f", run folder {self.folder}")
 
         def checkpoint_state() -> dict[str, Any]:
-            return {"format": _CHECKPOINT_FORMAT, "signature": signature, "config": dataclasses.asdict(cfg),
-                    "step": self.step, "epoch": self.step // steps_per_epoch,
-                    "step_in_epoch": self.step % steps_per_epoch, "n_train": self._n_train,
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "best": self.best, "last_eval": self.last_eval, "world_size": self.world}
+            return {"signature": signature, "config": dataclasses.asdict(cfg), "step": self.step,
+                    "epoch": self.step // steps_per_epoch, "step_in_epoch": self.step % steps_per_epoch,
+                    "n_train": n_train, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "best": self.best, "last_eval": self.last_eval,
+                    "world_size": procs.world}
 
         self._bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stdout,
-                         disable=None if self.main else True, desc=app.name)
+                         disable=None if procs.main else True, desc=app.name)
         window = _Window(self.step, self.device)
         try:
             while self.step < total:
                 epoch, position = divmod(self.step, steps_per_epoch)
-                if hasattr(train_set, "set_epoch"):
-                    train_set.set_epoch(epoch)
-                sampler = EpochBatches(self._n_train, cfg.batch_size, cfg.seed, epoch, position,
-                                       self.rank, self.world, cfg.grad_accum)
-                loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=app.collate,
+                if hasattr(spec.train, "set_epoch"):
+                    spec.train.set_epoch(epoch)
+                sampler = EpochBatches(n_train, cfg.batch_size, cfg.seed, epoch, position, procs.rank, procs.world,
+                                       cfg.grad_accum)
+                loader = DataLoader(spec.train, batch_sampler=sampler, collate_fn=app.collate,
                                     num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                                     generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 1)))
                 batches = iter(loader)
                 for _ in range(position, min(steps_per_epoch, position + total - self.step)):
-                    loss, grad_norm = self._train_step(ddp, batches)
+                    loss, grad_norm = self._train_step(ddp, batches, ctx)
                     self.step += 1
                     window.add(loss)
                     self._bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == total:
                         self._log_window(window, grad_norm, total, steps_per_epoch, start_time)
-                    if eval_set is not None and (
+                    if spec.eval is not None and (
                             (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == total):
-                        self._eval_and_select(eval_set, eval_batch, best_metric)
+                        self._eval_and_select(spec.eval, eval_batch, best_metric, ctx)
                     if self.step % cfg.checkpoint_every == 0 or self.step == total:
                         self._save_checkpoint(checkpoint_state())
         finally:
@@ -693,22 +473,22 @@ class Runner:
             self._bar = None
 
         plots = []
-        if self.main:
-            self._save_weights(self.model, self.out_dir / "model.safetensors")
+        if procs.main:
+            self._save_weights(self.model, self.folder.final)
             if self.ema is not None:
-                self._save_weights(self.ema, self.out_dir / "model_ema.safetensors")
-            plots = plot_curves(self.log.records, self.out_dir / "plots", title=app.name)
-        if self.world > 1:
-            dist.barrier()
+                self._save_weights(self.ema, self.folder.final_ema)
+            plots = plot_curves(self.log.records, self.folder / "plots", title=app.name)
+        procs.barrier()
         wall = time.perf_counter() - start_time
         metrics = self.last_eval["metrics"]
         self.say(f"{app.name}: done, {self.step} steps in {_duration(wall)}; "
                  + (f"final {_format_metrics(metrics)}" if metrics else "no eval set"))
-        return RunResult(self.out_dir, self.step, metrics, self.best, wall, plots)
+        return RunResult(self.folder.path, self.step, metrics, self.best, wall, plots, model=self.model.eval(),
+                         meta=spec.meta)
 
     def _resume(self, checkpoint: Path, total: int) -> None:
         """Load model, EMA, optimizer, scheduler, progress and this rank's RNG states from `checkpoint`."""
-        payload = self._on_main(lambda: self._read_checkpoint(checkpoint))
+        payload = self.procs.on_main(lambda: self._read_checkpoint(checkpoint))
         state = payload["state"]
         self.model.load_state_dict(payload["model"])
         if self.ema is not None:
@@ -716,18 +496,18 @@ class Runner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best, self.last_eval = state["step"], state["best"], state["last_eval"]
-        if len(state["rng"]) == self.world:
-            _set_rng_state(state["rng"][self.rank], self.device)
+        if len(state["rng"]) == self.procs.world:
+            _set_rng_state(state["rng"][self.procs.rank], self.device)
         else:
             self.say(f"note: {checkpoint} was written by {len(state['rng'])} processes, this run has "
-                     f"{self.world}; random draws after the resume differ from the original run")
-            seed_everything(derive_seed(self.cfg.seed, self.rank, self.step))
+                     f"{self.procs.world}; random draws after the resume differ from the original run")
+            seed_everything(derive_seed(self.cfg.seed, self.procs.rank, self.step))
         self.say(f"{self.app.name}: resumed from {checkpoint} at step {self.step}/{total}")
 
     def _log_window(self, window: _Window, grad_norm: torch.Tensor, total: int, steps_per_epoch: int,
                     start_time: float) -> None:
         """Reduce the training loss since the last log over all ranks; print it and log it."""
-        mean_loss = window.mean_loss(self.world)
+        mean_loss = window.mean_loss(self.procs)
         if not math.isfinite(mean_loss):
             raise RunError(f"the training loss of {self.app.name} became {mean_loss} at step {self.step}; "
                            "lower --lr or check the data")
@@ -744,16 +524,7 @@ class Runner:
             self.log.append(record)
         window.reset()
 
-    def _eval_and_select(self, eval_set: Dataset, batch_size: int, best_metric: str | None) -> None:
-        """Evaluate (the EMA weights when there are), log, and keep best.safetensors up to date."""
-        metrics = self._evaluate(self.ema or self.model, eval_set, batch_size)
-        self.last_eval = {"step": self.step, "metrics": metrics}
-        self.say(f"{self.app.name} eval at step {self.step}: {_format_metrics(metrics)}")
-        if self.log is not None:
-            self.log.append({"split": "eval", "step": self.step, **metrics})
-        self.best = self._update_best(self.best, best_metric, metrics)
-
-    def _train_step(self, ddp: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(self, ddp: nn.Module, batches, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, gradient norm) as
         tensors, so that the device is only waited for at log steps."""
         cfg = self.cfg
@@ -761,10 +532,10 @@ class Runner:
         total = torch.zeros((), device=self.device)
         for a in range(cfg.grad_accum):
             batch = _to_device(next(batches), self.device)
-            sync = a == cfg.grad_accum - 1 or self.world == 1
+            sync = a == cfg.grad_accum - 1 or self.procs.world == 1
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 with self.autocast():
-                    loss = self.app.train_loss(ddp, batch)
+                    loss = self.app.train_loss(ddp, batch, ctx)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
@@ -784,32 +555,29 @@ class Runner:
             for e, b in zip(self.ema.buffers(), self.model.buffers()):
                 e.copy_(b)
 
-    def _update_best(self, best, metric: str | None, metrics: dict[str, float]):
-        """Keep best.safetensors on the best value of `metric` so far; returns the new best record."""
-        if metric is None:
-            return best
-        if metric not in metrics:
-            raise RunError(f"{self.app.name}'s compute_metrics returned no {metric!r} "
-                           f"(it returned {', '.join(metrics) or 'nothing'})")
-        value = metrics[metric]
-        sign = 1 if self.app.metrics[metric] == "max" else -1
-        if math.isnan(value) or (best is not None and sign * value <= sign * best["value"]):
-            return best
-        if self.main:
-            self._save_weights(self.ema or self.model, self.out_dir / "best.safetensors",
-                               metric=metric, value=value)
-        return {"metric": metric, "value": value, "step": self.step}
 
-    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Rank 0: the tensors and state of checkpoint folder `path`, to broadcast to every rank."""
-        state = _read_state(path)
-        load_weights(self.model, path / "model.safetensors", self.device)
-        model = {k: v.cpu() for k, v in self.model.state_dict().items()}
-        ema = None
-        if self.ema is not None and (path / "ema.safetensors").exists():
-            load_weights(self.ema, path / "ema.safetensors", self.device)
-            ema = {k: v.cpu() for k, v in self.ema.state_dict().items()}
-        return {"state": state, "model": model, "ema": ema}
+def evaluate_run(app: Application, cfg) -> RunResult:
+    """`<app> eval`: a trained run's weights on its eval data (or on the data options given), printed
+    with what was scored and written to eval.json in the run folder."""
+    start = time.perf_counter()
+    run = load_run(app, cfg)
+    runner = Runner(app, run.cfg)
+    runner.procs.join()
+    spec = runner._setup()
+    if spec.eval is None:
+        raise RunError(f"{app.name} has no eval set for the run in {run.folder}")
+    check_same_data(app, run, spec)
+    model = run.model.to(runner.device)
+    batch = run.cfg.eval_batch_size or max(1, run.cfg.batch_size // run.cfg.grad_accum)
+    metrics = runner.evaluate_model(model, spec.eval, batch, run.ctx)
+    data = spec.eval_data or "its eval set"
+    runner.say(f"{app.name} eval of {run.weights} (step {run.step}) on {data}, {len(spec.eval)} samples: "
+               + _format_metrics(metrics))
+    if runner.procs.main:
+        run.folder.write_json("eval.json", {"weights": str(run.weights), "step": run.step, "data": data,
+                                            "samples": len(spec.eval), **metrics})
+    return RunResult(run.folder.path, run.step, metrics, None, time.perf_counter() - start, [],
+                     model=run.model.cpu(), meta=run.meta)
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

@@ -15,45 +15,42 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ssmkit.apps.config import ConfigError, TrainConfig, option
+from ssmkit.apps.application import Application, RunContext, RunSpec, build_registered
+from ssmkit.apps.config import (ConfigError, DeviceOptions, EvalOptions, ModelOptions, RunOptions, SeedOptions,
+                                TrainOptions, compose, option)
 from ssmkit.apps.report import ReportSection, Table
-from ssmkit.apps.runner import Application, Runner, derive_seed
-from ssmkit.core.mamba import MambaLM
+from ssmkit.apps.runner import Runner
+from ssmkit.util import derive_seed
 
-__all__ = ["SeqConfig", "SelectiveCopy", "SelectiveCopyApp", "application"]
+__all__ = ["SeqTask", "SeqTrain", "SelectiveCopy", "SelectiveCopyApp", "application"]
 
 BLANK, MARKER, FIRST_SYMBOL = 0, 1, 2
 _TRAIN, _EVAL = 0, 1
 
 
 @dataclass
-class SeqConfig(TrainConfig):
-    """Selective copy: task size, model size and (redeclared) training defaults."""
+class SeqTask:
+    """The selective-copy task: where the data tokens hide and how many sequences there are."""
 
+    title = "task"
     context: int = option(32, "positions the data tokens are scattered among (blanks elsewhere)")
     n_data: int = option(4, "data tokens to find and copy, in order")
     n_symbols: int = option(8, "size of the data alphabet")
     train_size: int = option(6400, "training sequences per epoch (freshly drawn every epoch)")
     eval_size: int = option(1024, "held-out sequences to evaluate on")
-    d_model: int = option(64, "model width")
-    n_layer: int = option(2, "Mamba blocks")
-    d_state: int = option(16, "SSM state size per channel")
-    steps: int = option(500, "optimizer steps to train for")
-    batch_size: int = option(64, "samples per optimizer step, summed over all processes and accumulation steps")
-    lr: float = option(1e-2, "peak learning rate of AdamW")
-    warmup_steps: int = option(50, "steps of linear learning-rate warm-up from 0")
-    weight_decay: float = option(0.1, "AdamW weight decay (never on norms, biases, A_log, D)")
-    eval_every: int = option(100, "evaluate every N steps (0: only at the end)")
-    eval_batch_size: int = option(256, "samples per eval forward pass and process (0: the training micro-batch)")
-    log_every: int = option(50, "print and log the training metrics every N steps")
 
-    def validate(self) -> None:
-        super().validate()
-        for name in ("context", "n_data", "n_symbols", "train_size", "eval_size", "d_model", "n_layer", "d_state"):
+    def check(self) -> None:
+        for name in ("context", "n_data", "n_symbols", "train_size", "eval_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_data > self.context:
             raise ConfigError(f"n_data ({self.n_data}) cannot exceed context ({self.context})")
+
+
+SeqTrain = compose("SeqTrain", RunOptions, SeedOptions, SeqTask, ModelOptions, TrainOptions, EvalOptions,
+                   DeviceOptions, defaults=dict(
+    model="mamba_lm_tiny", steps=500, batch_size=64, lr=1e-2, warmup_steps=50, weight_decay=0.1, eval_every=100,
+    eval_batch_size=256, log_every=50), doc="`ssmkit seq train`: the task, the model and the training.")
 
 
 class SelectiveCopy(Dataset):
@@ -89,30 +86,36 @@ def render(tokens: torch.Tensor) -> str:
 
 
 class SelectiveCopyApp(Application):
-    """Train and evaluate a `MambaLM` on selective copy; metrics are per-token and per-sequence accuracy."""
+    """Train and evaluate a Mamba language model on selective copy; metrics are per-token and per-sequence
+    accuracy."""
 
     name = "seq"
     help = "selective-copy sequence task with a small Mamba LM (the Mamba paper's synthetic task)"
-    config = SeqConfig
+    train_config = SeqTrain
+    data_groups = (SeqTask,)
     metrics = {"accuracy": "max", "sequence_accuracy": "max", "loss": "min"}
+    meta_must_match = ("vocab_size",)
 
-    def build_model(self, cfg: SeqConfig) -> MambaLM:
-        return MambaLM(FIRST_SYMBOL + cfg.n_symbols, cfg.d_model, cfg.n_layer, d_state=cfg.d_state)
-
-    def build_datasets(self, cfg: SeqConfig) -> tuple[SelectiveCopy, SelectiveCopy]:
+    def setup(self, cfg) -> RunSpec:
         shape = (cfg.context, cfg.n_data, cfg.n_symbols, cfg.seed)
-        return SelectiveCopy(cfg.train_size, *shape, _TRAIN), SelectiveCopy(cfg.eval_size, *shape, _EVAL)
+        return RunSpec(SelectiveCopy(cfg.train_size, *shape, _TRAIN), SelectiveCopy(cfg.eval_size, *shape, _EVAL),
+                       {"vocab_size": FIRST_SYMBOL + cfg.n_symbols},
+                       f"{cfg.eval_size} held-out selective-copy sequences (context {cfg.context}, {cfg.n_data} data "
+                       f"tokens of {cfg.n_symbols} symbols, seed {cfg.seed})")
+
+    def build_model(self, ctx: RunContext):
+        return build_registered(ctx.cfg, vocab_size=ctx.meta["vocab_size"])
 
     @staticmethod
     def _answer_logits(model, tokens: torch.Tensor, n_data: int) -> torch.Tensor:
         return model(tokens)[:, -n_data:].float()
 
-    def train_loss(self, model, batch) -> torch.Tensor:
+    def train_loss(self, model, batch, ctx: RunContext) -> torch.Tensor:
         tokens, data = batch
         logits = self._answer_logits(model, tokens, data.shape[1])
         return F.cross_entropy(logits.flatten(0, 1), data.flatten())
 
-    def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
+    def eval_step(self, model, batch, ctx: RunContext) -> dict[str, torch.Tensor]:
         tokens, data = batch
         logits = self._answer_logits(model, tokens, data.shape[1])
         correct = logits.argmax(-1) == data
@@ -120,14 +123,14 @@ class SelectiveCopyApp(Application):
         return {"accuracy": correct.float().mean(1), "sequence_accuracy": correct.all(1).float(), "loss": loss}
 
     def demo(self, out_dir: Path, smoke: bool) -> ReportSection:
-        sizes = dict(context=16, n_data=2, n_symbols=4, train_size=256, eval_size=64, d_model=16, n_layer=1,
+        sizes = dict(context=16, n_data=2, n_symbols=4, train_size=256, eval_size=64, model_kwargs="d_model=16,n_layer=1",
                      steps=12, batch_size=16, warmup_steps=2, eval_every=6, log_every=4) if smoke else {}
-        cfg = SeqConfig(out_dir=str(out_dir / self.name), overwrite=True, **sizes)
+        cfg = SeqTrain(out_dir=str(out_dir / self.name), overwrite=True, **sizes)
         cfg.validate()
         runner = Runner(self, cfg)
         run = runner.train()
-        model = runner.model.cpu().eval()
-        _, eval_set = self.build_datasets(cfg)
+        model = run.model.cpu()
+        eval_set = self.setup(cfg).eval
         tokens, data = (torch.stack(x) for x in zip(*(eval_set[i] for i in range(8))))
         with torch.no_grad():
             predicted = self._answer_logits(model, tokens, cfg.n_data).argmax(-1)
@@ -135,8 +138,8 @@ class SelectiveCopyApp(Application):
                 for t, d, p in zip(tokens, data, predicted)]
         n_params = sum(p.numel() for p in model.parameters())
         text = (
-            f"A {cfg.n_layer}-layer `MambaLM` (d_model {cfg.d_model}, d_state {cfg.d_state}, {n_params:,} "
-            f"parameters) learns the selective-copy task of the Mamba paper: {cfg.n_data} data tokens from an "
+            f"A {len(model.layers)}-layer `MambaLM` (`{cfg.model}`, d_model {model.embedding.embedding_dim}, "
+            f"d_state {model.layers[0].mixer.d_state}, {n_params:,} parameters) learns the selective-copy task of the Mamba paper: {cfg.n_data} data tokens from an "
             f"alphabet of {cfg.n_symbols} are scattered at random among {cfg.context} blank positions, followed "
             f"by {cfg.n_data} markers; at the i-th marker the model must emit the i-th data token. Finding the "
             f"data among the blanks needs the input-dependent (selective) state update that distinguishes "

@@ -24,14 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.audio.sashimi import SashimiConfig, SashimiLM
+from ssmkit.errors import CheckpointError
 
-__all__ = ["CheckpointError", "read_official_state_dict", "convert_official_sashimi", "load_official_sashimi"]
+__all__ = ["read_official_state_dict", "convert_official_sashimi", "load_official_sashimi"]
 
 DT_TRANSFORMS = {"softplus": F.softplus, "exp": torch.exp}
-
-
-class CheckpointError(ValueError):
-    """An official checkpoint that cannot be read or does not fit SaShiMi; the message names file and key."""
 
 
 def read_official_state_dict(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], str]:

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["MU_LAW_ZERO", "IGNORE", "DIGITS_FIXTURE", "AudioDataError", "mu_law_encode", "mu_law_decode",
+from ssmkit.errors import DataError
+
+__all__ = ["MU_LAW_ZERO", "IGNORE", "DIGITS_FIXTURE", "mu_law_encode", "mu_law_decode",
            "linear_encode", "linear_decode", "encode", "decode", "read_wav", "write_wav", "wav_files",
            "load_wav_folder", "speaker_of", "split_by_speaker", "split_by_list", "ClipWindows", "load_digits"]
 
@@ -32,10 +34,6 @@ IGNORE = -100  # target of padded positions
 DIGITS_FIXTURE = Path(__file__).with_name("digits_fixture.npz")
 _MU = 255.0
 _TEXT_SUFFIXES = {".txt", ".csv", ".md", ".json", ".toml"}
-
-
-class AudioDataError(ValueError):
-    """Audio input that cannot be used; the message names the file or folder and the problem."""
 
 
 def mu_law_encode(x: torch.Tensor) -> torch.Tensor:
@@ -69,25 +67,34 @@ def decode(q: torch.Tensor, codec: str) -> torch.Tensor:
     return {"mu-law": mu_law_decode, "linear": linear_decode}[codec](q)
 
 
-def read_wav(path: str | Path, sample_rate: int) -> torch.Tensor:
-    """Mono float32 waveform (samples,) of a WAV file at `sample_rate` (resampled when needed)."""
+def _decode(path: Path) -> tuple[torch.Tensor, int, int]:
+    """(mono float32 samples, sample rate, channels in the file) of a WAV file; channels are averaged."""
     import soundfile as sf
 
-    path = Path(path)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises LibsndfileError / RuntimeError / TypeError for bad files
-        raise AudioDataError(f"{path}: not a readable WAV file ({error})") from None
+        raise DataError(f"{path}: not a readable WAV file ({error})") from None
     if data.shape[0] == 0:
-        raise AudioDataError(f"{path}: the file holds no samples")
-    if data.shape[1] > 1:
-        warnings.warn(f"{path}: {data.shape[1]} channels, averaged to mono", stacklevel=2)
-    wave = torch.from_numpy(data.mean(1))
-    if rate != sample_rate:
-        import torchaudio.functional as AF
+        raise DataError(f"{path}: the file holds no samples")
+    return torch.from_numpy(data.mean(1)), rate, data.shape[1]
 
-        wave = AF.resample(wave, rate, sample_rate)
-    return wave
+
+def _resample(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
+    if rate == sample_rate:
+        return wave
+    import torchaudio.functional as AF
+
+    return AF.resample(wave, rate, sample_rate)
+
+
+def read_wav(path: str | Path, sample_rate: int) -> torch.Tensor:
+    """Mono float32 waveform (samples,) of a WAV file at `sample_rate` (resampled, and averaged to mono
+    with a warning, when needed)."""
+    wave, rate, channels = _decode(Path(path))
+    if channels > 1:
+        warnings.warn(f"{path}: {channels} channels, averaged to mono", stacklevel=2)
+    return _resample(wave, rate, sample_rate)
 
 
 def write_wav(path: str | Path, wave: torch.Tensor, sample_rate: int) -> Path:
@@ -105,7 +112,7 @@ def wav_files(folder: str | Path, skip_bad: bool = False) -> list[Path]:
     lists and hidden files) are an error naming them, or skipped with a warning when `skip_bad`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise AudioDataError(f"{folder}: not a folder")
+        raise DataError(f"{folder}: not a folder")
     files, others = [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.startswith(".") or path.suffix.lower() in _TEXT_SUFFIXES:
@@ -114,10 +121,10 @@ def wav_files(folder: str | Path, skip_bad: bool = False) -> list[Path]:
     if others:
         message = f"{folder}: {len(others)} file(s) are not WAV files: {', '.join(map(str, others[:5]))}"
         if not skip_bad:
-            raise AudioDataError(message + " (use --skip-bad to skip them)")
+            raise DataError(message + " (use --skip-bad to skip them)")
         warnings.warn(message + "; skipped", stacklevel=2)
     if not files:
-        raise AudioDataError(f"{folder}: no .wav files found")
+        raise DataError(f"{folder}: no .wav files found")
     return files
 
 
@@ -125,18 +132,24 @@ def load_wav_folder(folder: str | Path, sample_rate: int, skip_bad: bool = False
     """(names relative to `folder`, waveforms) of every WAV file; unreadable files raise, or are
     skipped with a warning when `skip_bad`."""
     folder = Path(folder)
-    names, waves = [], []
+    names, waves, converted = [], [], {"averaged to mono": 0, f"resampled to {sample_rate} Hz": 0}
     for path in wav_files(folder, skip_bad):
         try:
-            waves.append(read_wav(path, sample_rate))
-        except AudioDataError as error:
+            wave, rate, channels = _decode(path)
+        except DataError as error:
             if not skip_bad:
                 raise
             warnings.warn(f"{error}; skipped", stacklevel=2)
             continue
+        converted["averaged to mono"] += channels > 1
+        converted[f"resampled to {sample_rate} Hz"] += rate != sample_rate
+        waves.append(_resample(wave, rate, sample_rate))
         names.append(path.relative_to(folder).as_posix())
     if not names:
-        raise AudioDataError(f"{folder}: none of the WAV files could be read")
+        raise DataError(f"{folder}: none of the WAV files could be read")
+    done = [f"{n} {what}" for what, n in converted.items() if n]
+    if done:  # one line for the folder, not one per file
+        warnings.warn(f"{folder}: of {len(names)} files, " + " and ".join(done), stacklevel=2)
     return names, waves
 
 
@@ -144,7 +157,8 @@ def speaker_of(name: str, pattern: str) -> str:
     """The speaker key: group 1 of `pattern` searched in the file name (without folders)."""
     match = re.search(pattern, Path(name).name)
     if match is None or not match.groups():
-        raise AudioDataError(f"{name}: no speaker key matching {pattern!r} in the file name")
+        raise DataError(f"{name}: no speaker key matching {pattern!r} in the file name; set --speaker-pattern to a "
+                        f"regex whose group 1 is the speaker, or list the eval files with --eval-list")
     return match.group(1)
 
 
@@ -153,7 +167,7 @@ def split_by_speaker(names: list[str], eval_fraction: float, seed: int, pattern:
     (at least one, and one left for training) drawn by `seed` go to eval."""
     speakers = sorted({speaker_of(n, pattern) for n in names})
     if len(speakers) < 2:
-        raise AudioDataError(f"need at least 2 speakers for a speaker split, found {speakers}")
+        raise DataError(f"need at least 2 speakers for a speaker split, found {speakers}")
     random.Random(seed).shuffle(speakers)
     n_eval = min(len(speakers) - 1, max(1, round(eval_fraction * len(speakers))))
     held_out = set(speakers[:n_eval])
@@ -166,11 +180,11 @@ def split_by_list(names: list[str], list_file: str | Path) -> tuple[list[int], l
     """(train, eval) indices: eval = the files named (relative paths, one per line) in `list_file`."""
     list_file = Path(list_file)
     if not list_file.is_file():
-        raise AudioDataError(f"{list_file}: split list file not found")
+        raise DataError(f"{list_file}: split list file not found")
     wanted = {line.strip() for line in list_file.read_text().splitlines() if line.strip()}
     missing = wanted - set(names)
     if missing:
-        raise AudioDataError(f"{list_file}: names files that are not in the data: {', '.join(sorted(missing)[:5])}")
+        raise DataError(f"{list_file}: names files that are not in the data: {', '.join(sorted(missing)[:5])}")
     return [i for i, n in enumerate(names) if n not in wanted], [i for i, n in enumerate(names) if n in wanted]
 
 
@@ -194,7 +208,7 @@ class ClipWindows(Dataset):
             if len(clip) < window:
                 if short == "error":
                     name = names[i] if names else f"clip {i}"
-                    raise AudioDataError(f"{name}: {len(clip)} samples, shorter than the window of {window} "
+                    raise DataError(f"{name}: {len(clip)} samples, shorter than the window of {window} "
                                          "(pad it with --short pad or skip it with --short skip)")
                 if short == "pad":
                     self.items.append((i, 0))
@@ -202,7 +216,7 @@ class ClipWindows(Dataset):
             self.items += [(i, start) for start in range(0, len(clip) - window + 1, window)]
         if not self.items:
             where = names[0] if names and len(names) == 1 else f"{len(clips)} clip(s)"
-            raise AudioDataError(f"{where}: no windows of {window} samples")
+            raise DataError(f"{where}: no windows of {window} samples")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -221,12 +235,12 @@ def load_digits(path: str | Path = DIGITS_FIXTURE) -> tuple[list[str], torch.Ten
     """The embedded spoken digits: (file-style names '<voice>_<digit>_...', mu-law codes (clips, 16000) uint8)."""
     path = Path(path)
     if not path.is_file():
-        raise AudioDataError(f"{path}: the digits fixture is missing (make it with python -m ssmkit.audio.make_digits)")
+        raise DataError(f"{path}: the digits fixture is missing (make it with python -m ssmkit.audio.make_digits)")
     with np.load(path) as data:
         if "codes" not in data or "names" not in data:
-            raise AudioDataError(f"{path}: expected arrays 'codes' and 'names', found {list(data.keys())}")
+            raise DataError(f"{path}: expected arrays 'codes' and 'names', found {list(data.keys())}")
         codes, names = data["codes"], [str(n) for n in data["names"]]
     if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[0] != len(names):
-        raise AudioDataError(f"{path}: 'codes' must be uint8 (clips, samples) matching 'names', got "
+        raise DataError(f"{path}: 'codes' must be uint8 (clips, samples) matching 'names', got "
                              f"{codes.dtype} {codes.shape} for {len(names)} names")
     return names, torch.from_numpy(codes)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
 
+from ssmkit.core.layers import DropPath, RMSNorm
 from ssmkit.core.scan import selective_scan, selective_state_update
+from ssmkit.registry import register_model
 
 __all__ = [
     "SequenceOrder",
@@ -28,7 +29,6 @@ __all__ = [
     "MambaCache",
     "Mamba",
     "add_ssm_parameters",
-    "RMSNorm",
     "MambaBlock",
     "MambaLM",
 ]
@@ -334,20 +334,6 @@ class Mamba(nn.Module):
 # Residual block and language model
 
 
-class RMSNorm(nn.Module):
-    """RMS normalisation over the last dim, computed in at least fp32 (mamba_ssm / Vim `RMSNorm`)."""
-
-    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
-        return out.to(x.dtype)
-
-
 def _make_norm(norm: str, d: int, eps: float, device=None, dtype=None) -> nn.Module:
     if norm == "rms":
         return RMSNorm(d, eps=eps, device=device, dtype=dtype)
@@ -481,3 +467,9 @@ class MambaLM(nn.Module):
         for layer, cache in zip(self.layers, caches):
             hidden, residual = layer.step(hidden, residual, cache)
         return self._head(hidden, residual)
+
+
+@register_model
+def mamba_lm_tiny(vocab_size: int = 16, **overrides) -> MambaLM:
+    """ssmkit's small Mamba LM for synthetic tasks (`ssmkit seq`): d_model 64, 2 layers, d_state 16."""
+    return MambaLM(vocab_size, **{"d_model": 64, "n_layer": 2, "d_state": 16, **overrides})

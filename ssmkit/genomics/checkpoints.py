@@ -31,16 +31,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ssmkit.errors import CheckpointError
 from ssmkit.genomics.hyenadna import HyenaDNAConfig, build_hyenadna
 
-__all__ = ["CheckpointError", "DEFAULT_SHIFT", "read_state_dict", "convert_state_dict", "infer_config",
+__all__ = ["DEFAULT_SHIFT", "read_state_dict", "convert_state_dict", "infer_config",
            "load_hyenadna"]
 
 DEFAULT_SHIFT = {"lightning": 0.0, "hf": 0.05, "ssmkit": 0.0}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model; the message names file and keys."""
 
 
 # ----------------------------------------------------------------------------------------------

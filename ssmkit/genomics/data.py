@@ -15,21 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ssmkit.errors import DataError
 from ssmkit.genomics.tokenizer import CharTokenizer, reverse_complement
 
-__all__ = ["DataError", "read_fasta", "read_bed", "Region", "fasta_regions", "RandomWindows", "TiledWindows",
-           "LabelledSequences", "read_genomic_benchmarks", "read_sequence_table", "species_regions",
+__all__ = ["read_fasta", "read_bed", "read_bed_line", "read_labelled_bed", "check_same_classes", "Region",
+           "fasta_regions", "RandomWindows", "TiledWindows", "LabelledSequences", "read_genomic_benchmarks", "read_sequence_table", "species_regions",
            "SPECIES_FASTA", "collate", "length_at_epoch"]
 
 SPECIES_FASTA = Path(__file__).parent / "fixtures" / "species.fa.gz"
 _VALID = frozenset("ACGTNacgtn")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and the problem."""
 
 
 def _check_bases(seq: str, where: str, unknown_as_n: bool) -> str:
@@ -87,6 +85,21 @@ class Region:
         return self.end - self.start
 
 
+def read_bed_line(path: Path, number: int, cols: list[str], lengths: dict[str, int]) -> Region:
+    """The interval of one BED line's columns, checked against the chromosome `lengths`."""
+    try:
+        chrom, start, end = cols[0], int(cols[1]), int(cols[2])
+    except (IndexError, ValueError):
+        raise DataError(f"{path}:{number}: expected 'chrom start end' with integer coordinates, got "
+                        f"{' '.join(cols)!r}") from None
+    if chrom not in lengths:
+        raise DataError(f"{path}:{number}: chromosome {chrom!r} is not in the FASTA file")
+    if not 0 <= start < end <= lengths[chrom]:
+        raise DataError(f"{path}:{number}: interval {chrom}:{start}-{end} lies outside the chromosome "
+                        f"(length {lengths[chrom]}) or is empty")
+    return Region(chrom, start, end)
+
+
 def read_bed(path: str | Path, lengths: dict[str, int], split: str = "") -> list[Region]:
     """Intervals of a BED file (chrom, start, end[, split or name]; 0-based, half-open) checked against the
     chromosome `lengths`; with `split`, only lines whose 4th column equals it."""
@@ -98,40 +111,109 @@ def read_bed(path: str | Path, lengths: dict[str, int], split: str = "") -> list
         if not line.strip() or line.startswith(("#", "track", "browser")):
             continue
         cols = line.split("\t") if "\t" in line else line.split()
-        try:
-            chrom, start, end = cols[0], int(cols[1]), int(cols[2])
-        except (IndexError, ValueError):
-            raise DataError(f"{path}:{number}: expected 'chrom start end' with integer coordinates, got {line!r}") from None
         if split and (len(cols) < 4 or cols[3] != split):
             continue
-        if chrom not in lengths:
-            raise DataError(f"{path}:{number}: chromosome {chrom!r} is not in the FASTA file")
-        if not 0 <= start < end <= lengths[chrom]:
-            raise DataError(f"{path}:{number}: interval {chrom}:{start}-{end} lies outside the chromosome "
-                            f"(length {lengths[chrom]}) or is empty")
-        regions.append(Region(chrom, start, end))
+        regions.append(read_bed_line(path, number, cols, lengths))
     if not regions:
         raise DataError(f"{path}: no intervals" + (f" with split {split!r}" if split else ""))
     return regions
 
 
-def fasta_regions(fasta: str | Path, bed: str | Path = "", split: str = ""
-                  ) -> tuple[list[Region], Callable[[str, int, int], str]]:
-    """(regions, fetch) over an indexed FASTA file read with pyfaidx: the BED intervals, or every whole
-    chromosome without a BED file. fetch(chrom, start, end) returns the bases (case as in the file)."""
+_VALID_BYTES = np.frombuffer(b"ACGTNacgtn", dtype=np.uint8)
+
+
+def _open_fasta(fasta: str | Path):
     import pyfaidx
 
     fasta = Path(fasta)
     if not fasta.is_file():
         raise DataError(f"{fasta}: FASTA file does not exist")
     try:
-        fa = pyfaidx.Fasta(str(fasta), as_raw=True, sequence_always_upper=False, rebuild=False)
+        return pyfaidx.Fasta(str(fasta), as_raw=True, sequence_always_upper=False)
     except Exception as e:  # pyfaidx raises several kinds for unreadable or gzip (non-BGZF) files
         raise DataError(f"{fasta}: cannot index this FASTA file with pyfaidx ({type(e).__name__}: {e}); "
                         f"gzipped files must be bgzip-compressed or uncompressed") from None
+
+
+def _scan_bases(fa, fasta: Path, regions: list[Region], chunk: int = 1 << 24) -> None:
+    """DataError naming the first base outside ACGTN (either case) in `regions`, read in chunks."""
+    for r in regions:
+        for start in range(r.start, r.end, chunk):
+            raw = np.frombuffer(fa[r.key][start:min(r.end, start + chunk)].encode("latin-1"), dtype=np.uint8)
+            bad = np.flatnonzero(~np.isin(raw, _VALID_BYTES))
+            if bad.size:
+                at = start + int(bad[0])
+                raise DataError(f"{fasta}: {r.key}:{at + 1} holds {chr(raw[bad[0]])!r}, not A, C, G, T or N (pass "
+                                f"--unknown-as-n to read such characters as N)")
+
+
+def fasta_regions(fasta: str | Path, bed: str | Path = "", split: str = "", unknown_as_n: bool = False
+                  ) -> tuple[list[Region], Callable[[str, int, int], str]]:
+    """(regions, fetch) over an indexed FASTA file read with pyfaidx: the BED intervals, or every whole
+    chromosome without a BED file. fetch(chrom, start, end) returns the bases (case as in the file).
+    Every base of the regions is checked first: one outside ACGTN is an error naming its position, or,
+    with `unknown_as_n`, read as N."""
+    fa = _open_fasta(fasta)
     lengths = {name: len(fa[name]) for name in fa.keys()}
     regions = read_bed(bed, lengths, split) if bed else [Region(c, 0, n) for c, n in lengths.items()]
+    if unknown_as_n:
+        return regions, lambda key, start, end: _check_bases(fa[key][start:end], "", True)
+    _scan_bases(fa, Path(fasta), regions)
     return regions, lambda key, start, end: fa[key][start:end]
+
+
+def read_labelled_bed(fasta: str | Path, bed: str | Path, eval_fraction: float, seed: int,
+                      unknown_as_n: bool = False) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """(train, test, classes) of the intervals of a labelled BED file over a FASTA file: columns chrom,
+    start, end, label[, split]. With a split column (train / test or val) it decides; without it, a
+    stratified `eval_fraction` of each class (drawn with `seed`) is held out. Items are (sequence, class)."""
+    fa = _open_fasta(fasta)
+    lengths = {name: len(fa[name]) for name in fa.keys()}
+    path = Path(bed)
+    if not path.is_file():
+        raise DataError(f"{path}: BED file does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith(("#", "track", "browser")):
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if len(cols) < 4:
+            raise DataError(f"{path}:{number}: a labelled BED line needs chrom, start, end and a label; got {line!r}")
+        region = read_bed_line(path, number, cols, lengths)
+        split = cols[4] if len(cols) > 4 else ""
+        if split not in ("", "train", "test", "val"):
+            raise DataError(f"{path}:{number}: split {split!r} is not train, test or val")
+        rows.append((region, cols[3], split))
+    if not rows:
+        raise DataError(f"{path}: no intervals")
+    classes = sorted({label for _, label, _ in rows})
+    if len(classes) < 2:
+        raise DataError(f"{path}: classification needs at least two labels, found {classes}")
+    items = [(_check_bases(fa[r.key][r.start:r.end], f"{path}: {r.key}:{r.start}-{r.end}", unknown_as_n),
+              classes.index(label), split) for r, label, split in rows]
+    if any(split for *_, split in items):
+        if not all(split for *_, split in items):
+            raise DataError(f"{path}: some lines have a split column and others do not")
+        train = [(s, y) for s, y, split in items if split == "train"]
+        test = [(s, y) for s, y, split in items if split != "train"]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        train, test = [], []
+        for label in range(len(classes)):
+            mine = [(s, y) for s, y, _ in items if y == label]
+            order = torch.randperm(len(mine), generator=g).tolist()
+            n_test = max(1, round(eval_fraction * len(mine)))
+            test += [mine[i] for i in order[:n_test]]
+            train += [mine[i] for i in order[n_test:]]
+    if not train or not test:
+        raise DataError(f"{path}: the split leaves {len(train)} training and {len(test)} test intervals")
+    return train, test, classes
+
+
+def check_same_classes(classes: list[str], test_classes: list[str], where) -> None:
+    """DataError when the test data's classes differ from the training data's."""
+    if test_classes != classes:
+        raise DataError(f"{where}: the test data have classes {test_classes}, the training data {classes}")
 
 
 def species_regions(split: str) -> tuple[list[Region], list[str], Callable[[str, int, int], str]]:

@@ -25,15 +25,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ssmkit.errors import DataError
 from ssmkit.medical.survival import discretize
 
-__all__ = ["Case", "read_bag", "read_bag_attrs", "write_bag", "read_slide_ids", "read_cases", "BagDataset",
-           "make_splits", "write_splits", "read_splits", "check_leakage", "SplitLeakageError", "make_synthetic_bags"]
+__all__ = ["Case", "read_bag", "bag_shape", "check_bags", "read_bag_attrs", "write_bag", "read_slide_ids", "read_cases",
+           "BagDataset", "make_splits", "write_splits", "read_splits", "check_leakage", "SplitLeakageError", "make_synthetic_bags", "make_demo_bags"]
 
 PARTS = ("train", "val", "test")
 
 
-class SplitLeakageError(ValueError):
+class SplitLeakageError(DataError):
     """A patient appears in more than one of train / val / test."""
 
 
@@ -56,33 +57,63 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(features float32 (N, D), coords int64 (N, 2) or None) of a CLAM .h5 or .pt bag file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"feature bag {path} does not exist")
+        raise DataError(f"feature bag {path} does not exist")
+    n, _ = bag_shape(path)
+    if path.suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            features = torch.from_numpy(np.asarray(f["features"], dtype=np.float32))
+            coords = torch.from_numpy(np.asarray(f["coords"], dtype=np.int64)) if "coords" in f else None
+    else:
+        features, coords = torch.load(path, map_location="cpu", weights_only=True).float(), None
+    if coords is not None and coords.shape != (n, 2):
+        raise DataError(f"{path}: coords shape {tuple(coords.shape)} does not match {n} features")
+    return features, coords
+
+
+def bag_shape(path: str | Path) -> tuple[int, int]:
+    """(instances, feature width) of a CLAM .h5 or .pt bag, read without loading the features (the .pt
+    tensor memory-mapped); a DataError names the file when it is not a readable (N, D) bag."""
+    path = Path(path)
     if path.suffix == ".h5":
         try:
             with h5py.File(path, "r") as f:
                 if "features" not in f:
-                    raise ValueError(f"{path} has no 'features' dataset (found: {', '.join(f) or 'nothing'})")
-                features = torch.from_numpy(np.asarray(f["features"], dtype=np.float32))
-                coords = torch.from_numpy(np.asarray(f["coords"], dtype=np.int64)) if "coords" in f else None
+                    raise DataError(f"{path} has no 'features' dataset (found: {', '.join(f) or 'nothing'})")
+                shape = tuple(f["features"].shape)
         except OSError as e:
-            raise ValueError(f"{path} is not a readable HDF5 feature bag: {e}") from None
+            raise DataError(f"{path} is not a readable HDF5 feature bag: {e}") from None
     elif path.suffix == ".pt":
         try:
-            features = torch.load(path, map_location="cpu", weights_only=True)
+            features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise ValueError(f"{path} is not a readable .pt feature bag: {type(e).__name__}: {e}") from None
+            raise DataError(f"{path} is not a readable .pt feature bag: {type(e).__name__}: {e}") from None
         if not isinstance(features, torch.Tensor):
-            raise ValueError(f"{path} holds a {type(features).__name__}, not a (N, D) feature tensor")
-        features, coords = features.float(), None
+            raise DataError(f"{path} holds a {type(features).__name__}, not a (N, D) feature tensor")
+        shape = tuple(features.shape)
     else:
-        raise ValueError(f"{path}: feature bags are .h5 or .pt files")
-    if features.dim() != 2:
-        raise ValueError(f"{path}: features must be (N, D), got shape {tuple(features.shape)}")
-    if features.shape[0] == 0:
-        raise ValueError(f"{path} is an empty bag (0 instances)")
-    if coords is not None and coords.shape != (features.shape[0], 2):
-        raise ValueError(f"{path}: coords shape {tuple(coords.shape)} does not match {features.shape[0]} features")
-    return features, coords
+        raise DataError(f"{path}: feature bags are .h5 or .pt files")
+    if len(shape) != 2:
+        raise DataError(f"{path}: features must be (N, D), got shape {shape}")
+    if shape[0] == 0:
+        raise DataError(f"{path} is an empty bag (0 instances)")
+    return shape
+
+
+def check_bags(paths: list[Path], in_dim: int = 0) -> int:
+    """The feature width shared by every bag of `paths`, each opened once (not loaded): a DataError names a
+    bag that cannot be read, and the bags whose width differs from the others' (or from `in_dim`)."""
+    widths: dict[int, list[Path]] = {}
+    for path in paths:
+        widths.setdefault(bag_shape(path)[1], []).append(path)
+    common = in_dim or max(widths, key=lambda w: len(widths[w]))
+    odd = sorted((p for w, ps in widths.items() if w != common for p in ps), key=str)
+    if odd:
+        width = bag_shape(odd[0])[1]
+        expected = f"--in-dim {in_dim}" if in_dim else f"{common}, the width of the other {len(widths[common])} bags"
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise DataError(f"{odd[0]}: feature width {width}, not {expected}{more}; re-extract the features with the "
+                       f"same backbone")
+    return common
 
 
 def read_bag_attrs(path: str | Path) -> dict:
@@ -120,7 +151,7 @@ def read_slide_ids(csv_path: str | Path) -> list[str]:
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or "slide_id" not in rows[0]:
-        raise ValueError(f"{csv_path} has no slide_id column (or no rows)")
+        raise DataError(f"{csv_path} has no slide_id column (or no rows)")
     return [r["slide_id"].strip() for r in rows if r["slide_id"].strip()]
 
 
@@ -131,45 +162,45 @@ def read_cases(csv_path: str | Path, task: str = "classification", label_col: st
     survival_months and censorship. Duplicate slide ids and bad values raise ValueError naming the row."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise FileNotFoundError(f"slide table {csv_path} does not exist")
+        raise DataError(f"slide table {csv_path} does not exist")
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     need = ["case_id", "slide_id"] + ([label_col] if task == "classification" else ["survival_months", "censorship"])
     header = list(rows[0]) if rows else []
     missing = [c for c in need if c not in header]
     if missing:
-        raise ValueError(f"{csv_path} lacks column(s) {', '.join(missing)} (has: {', '.join(header) or 'no rows'})")
+        raise DataError(f"{csv_path} lacks column(s) {', '.join(missing)} (has: {', '.join(header) or 'no rows'})")
     cases: dict[str, Case] = {}
     seen: set[str] = set()
     for line, row in enumerate(rows, start=2):
         case_id, slide_id = row["case_id"].strip(), row["slide_id"].strip()
         if not case_id or not slide_id:
-            raise ValueError(f"{csv_path}:{line}: empty case_id or slide_id")
+            raise DataError(f"{csv_path}:{line}: empty case_id or slide_id")
         if slide_id in seen:
-            raise ValueError(f"{csv_path}:{line}: slide_id {slide_id!r} is listed twice")
+            raise DataError(f"{csv_path}:{line}: slide_id {slide_id!r} is listed twice")
         seen.add(slide_id)
         case = cases.setdefault(case_id, Case(case_id))
         case.slide_ids.append(slide_id)
         if task == "classification":
             label = row[label_col].strip()
             if not label:
-                raise ValueError(f"{csv_path}:{line}: slide {slide_id} has no {label_col}")
+                raise DataError(f"{csv_path}:{line}: slide {slide_id} has no {label_col}")
             if case.label and case.label != label:
-                raise ValueError(f"{csv_path}:{line}: patient {case_id} has slides labelled {case.label!r} and "
-                                 f"{label!r}; one label per patient")
+                raise DataError(f"{csv_path}:{line}: patient {case_id} has slides labelled {case.label!r} and "
+                                f"{label!r}; one label per patient")
             case.label = label
         else:
             try:
                 time, cens = float(row["survival_months"]), float(row["censorship"])
             except ValueError:
-                raise ValueError(f"{csv_path}:{line}: survival_months and censorship must be numbers, got "
-                                 f"{row['survival_months']!r}, {row['censorship']!r}") from None
+                raise DataError(f"{csv_path}:{line}: survival_months and censorship must be numbers, got "
+                                f"{row['survival_months']!r}, {row['censorship']!r}") from None
             if not (math.isfinite(time) and time >= 0) or cens not in (0.0, 1.0):
-                raise ValueError(f"{csv_path}:{line}: need survival_months >= 0 and censorship 0 or 1, got "
-                                 f"{time}, {cens}")
+                raise DataError(f"{csv_path}:{line}: need survival_months >= 0 and censorship 0 or 1, got "
+                                f"{time}, {cens}")
             case.time, case.censorship = time, cens
     if not cases:
-        raise ValueError(f"{csv_path} lists no slides")
+        raise DataError(f"{csv_path} lists no slides")
     return list(cases.values())
 
 
@@ -178,25 +209,25 @@ class BagDataset(Dataset):
 
     Reads `h5_files/<slide>.h5` when present (it has coords), else `pt_files/<slide>.pt`. `labels` maps
     class names to indices (classification; an unknown label raises); `bin_edges` discretises survival
-    times. `in_dim` checks the feature width and says both numbers when they differ."""
+    times. Every bag is opened once when the dataset is made (`check_bags`), so a missing, unreadable or
+    mis-shaped bag fails here, naming it, not in the middle of an epoch; `in_dim` is their feature width."""
 
     def __init__(self, root: str | Path, cases: list[Case], task: str = "classification",
                  labels: dict[str, int] | None = None, bin_edges: np.ndarray | None = None, in_dim: int = 0):
         self.root, self.cases, self.task = Path(root), cases, task
-        self.labels, self.bin_edges, self.in_dim = labels or {}, bin_edges, in_dim
+        self.labels, self.bin_edges = labels or {}, bin_edges
         for case in cases:
-            for slide in case.slide_ids:
-                self.bag_path(slide)  # fail now, naming the slide, rather than mid-epoch
             if task == "classification" and case.label not in self.labels:
-                raise ValueError(f"patient {case.case_id} has label {case.label!r}, not one of "
-                                 f"{sorted(self.labels)}")
+                raise DataError(f"patient {case.case_id} has label {case.label!r}, not one of "
+                               f"{sorted(self.labels)}")
+        self.in_dim = check_bags([self.bag_path(s) for c in cases for s in c.slide_ids], in_dim)
 
     def bag_path(self, slide_id: str) -> Path:
         for path in (self.root / "h5_files" / f"{slide_id}.h5", self.root / "pt_files" / f"{slide_id}.pt"):
             if path.is_file():
                 return path
-        raise FileNotFoundError(f"slide {slide_id} is listed in the CSV but has no bag: neither "
-                                f"{self.root}/h5_files/{slide_id}.h5 nor {self.root}/pt_files/{slide_id}.pt exists")
+        raise DataError(f"slide {slide_id} is listed in the CSV but has no bag: neither "
+                               f"{self.root}/h5_files/{slide_id}.h5 nor {self.root}/pt_files/{slide_id}.pt exists")
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -207,9 +238,6 @@ class BagDataset(Dataset):
         for slide in case.slide_ids:
             path = self.bag_path(slide)
             f, c = read_bag(path)
-            if self.in_dim and f.shape[1] != self.in_dim:
-                raise ValueError(f"{path}: feature width {f.shape[1]} does not match the model's in_dim "
-                                 f"{self.in_dim}; pass --in-dim {f.shape[1]} or re-extract the features")
             feats.append(f)
             if c is None:  # .pt bags have no coords
                 coords.append(torch.full((f.shape[0], 2), -1, dtype=torch.long))
@@ -298,11 +326,11 @@ def read_splits(path: str | Path) -> dict[str, list[str]]:
     """train / val / test slide ids of a CLAM `splits_{i}.csv` (ids kept as strings)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"split file {path} does not exist")
+        raise DataError(f"split file {path} does not exist")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if rows and not {"train", "val"} <= set(rows[0]):
-        raise ValueError(f"{path} needs train and val columns, has {', '.join(rows[0])}")
+        raise DataError(f"{path} needs train and val columns, has {', '.join(rows[0])}")
     return {p: [r[p].strip() for r in rows if (r.get(p) or "").strip()] for p in PARTS}
 
 
@@ -313,7 +341,7 @@ def check_leakage(split: dict[str, list[str]], cases: list[Case], strict: bool =
     case_of = {s: c.case_id for c in cases for s in c.slide_ids}
     unknown = [s for p in PARTS for s in split.get(p, []) if s not in case_of]
     if unknown:
-        raise ValueError(f"{where} names slide(s) missing from the CSV: {', '.join(unknown[:5])}")
+        raise DataError(f"{where} names slide(s) missing from the CSV: {', '.join(unknown[:5])}")
     parts_of: dict[str, set[str]] = {}
     for p in PARTS:
         for s in split.get(p, []):
@@ -374,3 +402,26 @@ def make_synthetic_bags(root: str | Path, n_cases: int = 48, dim: int = 32, min_
         w.writerow(["case_id", "slide_id", "label", "survival_months", "censorship"])
         w.writerows(rows)
     return path
+
+
+def make_demo_bags(root: Path, features: torch.Tensor, coords: np.ndarray, key: np.ndarray, train_tiles: np.ndarray,
+               n_train: int, n_eval: int, bag_size: int, seed: int) -> None:
+    """CLAM bags (and slides.csv, splits/splits_0.csv) in `root` of real tiles of one slide (`features`,
+    `coords`): train bags from the `train_tiles`, eval bags from the others; a positive bag holds 1-3 of
+    the `key` tiles among ordinary ones, a negative bag none. One bag per case."""
+    rng = np.random.default_rng(seed)
+    rows, split = [], {"train": [], "val": [], "test": []}
+    for part, n, pool in (("train", n_train, train_tiles), ("val", n_eval, ~train_tiles)):
+        normal, keys = np.flatnonzero(pool & ~key), np.flatnonzero(pool & key)
+        for b in range(n):
+            positive = b % 2
+            idx = rng.choice(normal, size=bag_size, replace=len(normal) < bag_size)
+            if positive:
+                n_key = int(rng.integers(1, 4))
+                idx[rng.choice(bag_size, n_key, replace=False)] = rng.choice(keys, n_key, replace=len(keys) < n_key)
+            bag_id = f"{part}_bag{b:03d}"
+            write_bag(root, bag_id, features[idx], torch.from_numpy(coords[idx]))
+            rows.append(f"{bag_id},{bag_id},{'dense_nuclei' if positive else 'ordinary'}")
+            split[part].append(bag_id)
+    (root / "slides.csv").write_text("case_id,slide_id,label\n" + "\n".join(rows) + "\n")
+    write_splits(root / "splits", [split])

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ssmkit.errors import ConfigError, DataError
 from ssmkit.medical.data import write_bag
 
 __all__ = ["EMBEDDED_SLIDE", "open_slide", "slide_mpp", "thumbnail", "tissue_mask", "Tiling", "tile_slide",
@@ -28,22 +29,22 @@ MAX_FLAT_SIDE = 16384
 
 
 def open_slide(path: str | Path, max_flat_side: int = MAX_FLAT_SIDE):
-    """A `tiffslide.TiffSlide`, or ValueError / FileNotFoundError naming the file and the problem (missing,
+    """A `tiffslide.TiffSlide`, or a DataError naming the file and the problem (missing,
     corrupt, or a single-level image wider or taller than `max_flat_side`: not pyramidal)."""
     import tiffslide
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"slide {path} does not exist")
+        raise DataError(f"slide {path} does not exist")
     try:
         slide = tiffslide.TiffSlide(path)
         slide.level_dimensions  # noqa: B018  (touches the pyramid: fails here on broken files)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable slide (corrupt, or not a tiled TIFF/SVS): "
+        raise DataError(f"{path} is not a readable slide (corrupt, or not a tiled TIFF/SVS): "
                          f"{type(e).__name__}: {e}") from None
     if slide.level_count == 1 and max(slide.dimensions) > max_flat_side:
         w, h = slide.dimensions
-        raise ValueError(f"{path} is not pyramidal: one level of {w}x{h} pixels (more than {max_flat_side} per "
+        raise DataError(f"{path} is not pyramidal: one level of {w}x{h} pixels (more than {max_flat_side} per "
                          "side would be decoded whole); convert it to a tiled pyramid first, e.g. "
                          "`vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`")
     return slide
@@ -55,7 +56,7 @@ def slide_mpp(slide, path: str | Path = "", override: float = 0.0) -> float:
         return override
     mpp = slide.properties.get("tiffslide.mpp-x")
     if not mpp:
-        raise ValueError(f"slide {path} has no microns-per-pixel metadata; pass the level-0 resolution "
+        raise DataError(f"slide {path} has no microns-per-pixel metadata; pass the level-0 resolution "
                          "(--slide-mpp, e.g. 0.25 for 40x, 0.5 for 20x)")
     return float(mpp)
 
@@ -117,7 +118,7 @@ def tile_slide(slide, patch_size: int = 256, target_mpp: float = 0.5, min_tissue
     read_size = max(1, int(round(size0 / downs[level])))
     w, h = slide.dimensions
     if w < size0 or h < size0:
-        raise ValueError(f"slide {slide_path} ({w}x{h} px) is smaller than one tile ({size0} px at level 0)")
+        raise DataError(f"slide {slide_path} ({w}x{h} px) is smaller than one tile ({size0} px at level 0)")
     if mask is None:
         mask = tissue_mask(thumbnail(slide))
     sy, sx = mask.shape[0] / h, mask.shape[1] / w
@@ -155,24 +156,22 @@ class FeatureExtractor:
                  image_size: int = 224, seed: int = 0, device: str = "cpu"):
         import timm
 
+        if not timm.is_model(backbone):
+            close = timm.list_models(f"*{backbone.split('_')[0]}*")[:5]
+            raise ConfigError(f"--backbone {backbone!r} is not a timm model" + (f" (similar: {', '.join(close)})"
+                                                                              if close else ""))
         if not weights and not random_init:
-            raise ValueError(f"feature extraction with {backbone} needs --weights (a local checkpoint file) or an "
-                             "explicit --random-init; pretrained weights are never downloaded")
+            raise ConfigError(f"feature extraction with {backbone} needs --weights (a local checkpoint file) or an "
+                              "explicit --random-init; pretrained weights are never downloaded")
+        if weights and not Path(weights).is_file():
+            raise DataError(f"backbone weights {weights} do not exist")
         torch.manual_seed(seed)
-        model = timm.create_model(backbone, pretrained=False, num_classes=0)
-        if weights:
-            path = Path(weights)
-            if not path.is_file():
-                raise FileNotFoundError(f"backbone weights {path} do not exist")
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "classifier."))}
-            missing, _ = model.load_state_dict(state, strict=False)
-            if missing:
-                raise ValueError(f"{path} does not fit timm's {backbone}: missing {', '.join(missing[:5])}")
+        try:  # timm reads the file (safetensors or a torch state dict) and leaves the classifier out
+            model = timm.create_model(backbone, pretrained=bool(weights), num_classes=0,
+                                      **({"pretrained_cfg_overlay": {"file": str(weights)}} if weights else {}))
+        except Exception as e:  # unreadable files and weights of another model surface as many error types
+            raise DataError(f"backbone weights {weights} do not fit timm's {backbone}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
         self.model = model.eval().to(device)
         cfg = model.pretrained_cfg
         self.mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(1, 3, 1, 1)
@@ -198,7 +197,7 @@ def extract_slide(slide_path: str | Path, out_root: str | Path, extractor: Featu
     slide = open_slide(slide_path)
     tiling = tile_slide(slide, patch_size, target_mpp, min_tissue, slide_path, mpp_override)
     if len(tiling.coords) == 0:
-        raise ValueError(f"slide {slide_path} has no tile with at least {min_tissue:.0%} tissue; lower "
+        raise DataError(f"slide {slide_path} has no tile with at least {min_tissue:.0%} tissue; lower "
                          "--min-tissue or check the slide")
     chunks = []
     for start in tqdm(range(0, len(tiling.coords), batch_size), desc=slide_path.stem, unit="batch",

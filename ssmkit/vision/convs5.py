@@ -10,8 +10,6 @@ prediction t depends on frames 0..t only. `forward` runs the ConvS5 layers in pa
 (`convssm_scan`, teacher forcing); `condition` returns each layer's last state as well; `step`
 advances every layer by one frame from its state (`convssm_step`), so `rollout` generates each new
 frame in O(1) time and memory regardless of how many frames came before.
-
-`frame_ssim` is a Gaussian-window SSIM (11×11, σ = 1.5, data range 1) per frame.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 from ssmkit.core.convssm import ConvS5Layer
 from ssmkit.registry import register_model
 
-__all__ = ["ConvS5Config", "ConvS5Predictor", "ConvS5Block", "frame_ssim",
+__all__ = ["ConvS5Config", "ConvS5Predictor", "ConvS5Block",
            "convs5_moving_digits", "convs5_moving_digits_tiny"]
 
 
@@ -169,40 +167,6 @@ class ConvS5Predictor(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # SSIM
-
-
-def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return g
-
-
-def frame_ssim(x, y, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
-    """SSIM of each frame pair, (..., C, H, W) -> (...): Gaussian-weighted local statistics ('valid'
-    windows; the window shrinks to the frame for frames smaller than `window`), K1 = 0.01, K2 = 0.03,
-    mean over pixels and channels; computed in float64, returned in the input's dtype."""
-    if x.shape != y.shape or x.dim() < 3:
-        raise ValueError(f"frame_ssim needs two tensors of one shape (..., C, H, W); got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
-    lead, (C, H, W) = x.shape[:-3], x.shape[-3:]
-    size = min(window, H, W)
-    size -= (size + 1) % 2  # odd
-    out_dtype = x.dtype if x.is_floating_point() else torch.float32
-    dtype = torch.float64  # the variances are differences of nearly equal numbers
-    g = _gaussian_window(size, sigma, x.device, dtype)
-    kernel = (g[:, None] * g[None, :]).expand(C, 1, size, size)
-    x = x.reshape(-1, C, H, W).to(dtype)
-    y = y.reshape(-1, C, H, W).to(dtype)
-
-    def blur(t):
-        return F.conv2d(t, kernel, groups=C)
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.mean((-3, -2, -1)).reshape(lead).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ssmkit.errors import DataError
+
 __all__ = [
-    "DataError",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
@@ -56,10 +57,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 # IDX type codes (third magic byte) -> numpy big-endian dtype
 _IDX_TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file or folder and the problem."""
 
 
 def _seed(*parts: int) -> int:
@@ -191,16 +188,6 @@ class ArrayImageDataset:
     def __len__(self) -> int:
         return len(self.images)
 
-    @property
-    def image_sizes(self) -> tuple[int, int]:
-        return self.images.shape[1], self.images.shape[2]
-
-    def check_min_size(self, min_size: int) -> None:
-        h, w = self.image_sizes
-        if min(h, w) < min_size:
-            raise DataError(f"{self.source}: images of {h}x{w} pixels are smaller than one patch "
-                            f"({min_size}x{min_size})")
-
     def raw(self, index: int) -> tuple[torch.Tensor, int]:
         x = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -271,7 +258,7 @@ class ImageFolderDataset:
     once when the dataset is built: an unreadable or truncated one is reported by name and then
     skipped with a warning (`on_bad_image="skip"`) or raises DataError (`"error"`)."""
 
-    def __init__(self, root: str | Path, channels: int = 3, on_bad_image: str = "error", min_size: int = 1,
+    def __init__(self, root: str | Path, channels: int = 3, on_bad_image: str = "error",
                  classes: Sequence[str] | None = None):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
@@ -308,9 +295,6 @@ class ImageFolderDataset:
                     warnings.warn(f"skipping {e}", stacklevel=2)
                     self.skipped.append((path, str(e)))
                     continue
-                if min(x.shape[1:]) < min_size:
-                    raise DataError(f"image {path} is {x.shape[1]}x{x.shape[2]} pixels, smaller than one patch "
-                                    f"({min_size}x{min_size})")
                 self.paths.append(path)
                 labels.append(label)
         if not self.paths:
@@ -326,9 +310,6 @@ class ImageFolderDataset:
     def raw(self, index: int) -> tuple[torch.Tensor, int]:
         return load_image_file(self.paths[index], self.channels), int(self.labels[index])
 
-    def check_min_size(self, min_size: int) -> None:  # checked when the folder was read
-        pass
-
 
 class _Subset:
     def __init__(self, base, indices: np.ndarray):
@@ -342,9 +323,6 @@ class _Subset:
     def raw(self, index: int):
         return self.base.raw(int(self.indices[index]))
 
-    def check_min_size(self, min_size: int) -> None:
-        self.base.check_min_size(min_size)
-
 
 def stratified_subset(base, size: int, seed: int):
     """A fixed class-balanced subset of about `size` samples of `base` (all of `base` when `size` is 0 or
@@ -356,13 +334,13 @@ def stratified_subset(base, size: int, seed: int):
 
 
 def load_image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.2, channels: int = 3,
-                      on_bad_image: str = "error", min_size: int = 1):
+                      on_bad_image: str = "error"):
     """(train, test) of an image folder: `root/train` + `root/val` (or `root/test`) when present, else
     `root/<class>/...` split stratified with `seed`."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    kw = dict(channels=channels, on_bad_image=on_bad_image, min_size=min_size)
+    kw = dict(channels=channels, on_bad_image=on_bad_image)
     if (root / "train").is_dir():
         train = ImageFolderDataset(root / "train", **kw)
         for name in ("val", "test"):

@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
+
+from ssmkit.core.layers import DropPath, drop_path_rates
 
 from ssmkit.core.mamba import add_ssm_parameters
 from ssmkit.core.scan import selective_scan
@@ -217,7 +219,7 @@ class MaIR(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(cfg.in_chans, c, 3, padding=1)
         self.embed_norm = nn.LayerNorm(c)
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
         starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
         self.groups = nn.ModuleList(ResidualMambaGroup(c, d, cfg, rates[s:s + d]) for s, d in zip(starts, cfg.depths))
         self.norm = nn.LayerNorm(c)
@@ -396,18 +398,26 @@ _LIGHT = dict(embed_dim=60, depths=(6,) * 4, d_state=16, ssm_ratio=1.4, mlp_rati
               upsampler="pixelshuffledirect")
 _TINY = dict(embed_dim=60, depths=(6,) * 4, d_state=1, ssm_ratio=1.1, mlp_ratio=1.6, scan_len=8,
              upsampler="pixelshuffledirect")
+_MICRO = dict(embed_dim=24, depths=(2,), d_state=2, ssm_ratio=1.5, mlp_ratio=2.0, scan_len=8,
+              upsampler="pixelshuffledirect", drop_path_rate=0.0, interp_init=True)
 MAIR_CONFIGS: dict[str, dict] = {
     **{f"mair_sr_x{s}": dict(_CLASSIC, upscale=s) for s in (2, 3, 4)},
     **{f"mair_light_sr_x{s}": dict(_LIGHT, upscale=s) for s in (2, 3, 4)},
     **{f"mair_tiny_sr_x{s}": dict(_TINY, upscale=s) for s in (2, 3, 4)},
     "mair_denoise": dict(embed_dim=180, depths=(6,) * 6, d_state=16, ssm_ratio=1.3, mlp_ratio=2.0, scan_len=4,
                          upsampler="", upscale=1),
+    # ssmkit variants for CPU runs (the defaults of `ssmkit restore`), starting as bilinear upsampling
+    **{f"mair_micro_sr_x{s}": dict(_MICRO, upscale=s) for s in (2, 3, 4)},
+    "mair_micro_denoise": dict(_MICRO, upsampler="", upscale=1),
 }
 _DOCS = {
     "mair_sr": "classic SR (DF2K): C 180, 6x6 blocks, stripe 8; 19.4M parameters at x2",
     "mair_light_sr": "lightweight SR MaIR-S (DIV2K): C 60, 4x6 blocks, stripe 4; 1.36M parameters at x2",
     "mair_tiny_sr": "lightweight SR MaIR-T (DIV2K): C 60, 4x6 blocks, d_state 1, stripe 8; 0.88M parameters at x2",
     "mair_denoise": "colour Gaussian denoising (sigma 15/25/50): C 180, 6x6 blocks, stripe 4; 14.1M parameters",
+    "mair_micro_sr": "ssmkit variant for CPU: C 24, 1x2 blocks, d_state 2, stripe 8, starting as bilinear upsampling",
+    "mair_micro_denoise": "ssmkit variant for CPU denoising: C 24, 1x2 blocks, d_state 2, stripe 8, starting as the "
+                          "identity",
 }
 
 

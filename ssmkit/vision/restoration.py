@@ -488,3 +488,18 @@ def tiled_forward(model: Callable[[torch.Tensor], torch.Tensor], lq: torch.Tenso
             out[region] += piece * wt
             weight[region[1:]] += wt
     return out / weight
+
+
+def charbonnier_loss(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Mean of sqrt((x - y)^2 + eps^2): the smooth L1 of MaIR's denoising training."""
+    return torch.sqrt((x - y) ** 2 + eps ** 2).mean()
+
+
+def save_png(img: torch.Tensor, path: Path) -> Path:
+    """Write a (C, H, W) image in [0, 1] as an 8-bit PNG."""
+    from PIL import Image
+
+    array = (img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
+    return path

@@ -23,22 +23,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 
 from ssmkit.core.gla import gla
-from ssmkit.core.mamba import RMSNorm
+from ssmkit.core.layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, drop_path_rates
 from ssmkit.registry import register_model as ssmkit_register_model
 from ssmkit.vision.vim import _to_2tuple, check_image_size, default_cfg_for, timm_cfg
 
-__all__ = ["ViG", "BiGLA", "SwiGLU", "VIG_CONFIGS", "vig_tiny", "vig_small", "vig_base"]
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+__all__ = ["ViG", "BiGLA", "VIG_CONFIGS", "vig_tiny", "vig_small", "vig_base"]
 
 
 class ConvStem(nn.Module):
@@ -127,22 +119,6 @@ class BiGLA(nn.Module):
         return self.o_proj(self.out_act(o.reshape(b, length, self.value_dim)))
 
 
-class SwiGLU(nn.Module):
-    """silu(gate) * up -> down, hidden size ⌈(8/3·dim)/256⌉·256 by default, no biases."""
-
-    def __init__(self, dim: int, hidden: int | None = None):
-        super().__init__()
-        if hidden is None:
-            hidden = 256 * -(-int(dim * 4 * 2 / 3) // 256)
-        self.hidden = hidden
-        self.gate_proj = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class ViGBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, drop_path: float = 0.0, mlp_hidden: int | None = None,
                  norm_eps: float = 1e-6, **attn_kwargs):
@@ -197,7 +173,7 @@ class ViG(nn.Module):
         self.patch_embed = ConvStem(self.patch_size, in_chans, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [drop_path_rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0] * depth
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             ViGBlock(embed_dim, num_heads, drop_path=dpr[i], mlp_hidden=mlp_hidden, norm_eps=norm_eps,
                      act_in_conv=act_in_conv, out_act=out_act, backend=backend)

@@ -32,9 +32,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_
 
-from ssmkit.core.mamba import MambaBlock, RMSNorm, SequenceOrder
+from ssmkit.core.layers import DropPath, RMSNorm, drop_path_rates
+from ssmkit.core.mamba import MambaBlock, SequenceOrder
 from ssmkit.registry import register_model as ssmkit_register_model
 from ssmkit.vision.scan_orders import GridOrder, GridSequenceOrder, get_scan_order
 
@@ -49,6 +50,7 @@ __all__ = [
     "vim_tiny",
     "vim_small",
     "vim_base",
+    "vim_micro",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -223,7 +225,7 @@ class VisionMamba(nn.Module):
         branch = "flip" if self.scan_grid_order is None else MidClsGridOrder(self.scan_grid_order, *self.grid_size)
         # Vim's stochastic depth: layer i drops the previous layer's output with inter_dpr[i], the final
         # add before norm_f uses the full rate
-        dpr = [drop_path_rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0] * depth
+        dpr = drop_path_rates(drop_path_rate, depth)
         inter_dpr = [0.0] + dpr
         self.layers = nn.ModuleList(
             MambaBlock(embed_dim, norm="rms", eps=norm_eps, drop_path=inter_dpr[i],
@@ -463,6 +465,8 @@ VIM_CONFIGS: dict[str, dict[str, Any]] = {
     "vim_tiny": dict(embed_dim=192, depth=24, d_state=16, expand=2, patch_size=16, img_size=224),
     "vim_small": dict(embed_dim=384, depth=24, d_state=16, expand=2, patch_size=16, img_size=224),
     "vim_base": dict(embed_dim=768, depth=24, d_state=16, expand=2, patch_size=16, img_size=224),
+    # an ssmkit variant for small images on CPU (the default of `ssmkit classify`): 4-pixel patches
+    "vim_micro": dict(embed_dim=64, depth=2, d_state=16, expand=2, patch_size=4, img_size=16),
 }
 
 
@@ -474,6 +478,12 @@ def _build(name: str, overrides: dict) -> VisionMamba:
 def vim_tiny(**overrides) -> VisionMamba:
     """Vim-Ti: D 192, 24 layers, 7.15M parameters at 224² (paper: 7M, 76.1% IN-1k)."""
     return _build("vim_tiny", overrides)
+
+
+@ssmkit_register_model
+def vim_micro(**overrides) -> VisionMamba:
+    """ssmkit variant for small images (digits, Fashion-MNIST) on CPU: D 64, 2 layers, 4-pixel patches."""
+    return _build("vim_micro", overrides)
 
 
 @ssmkit_register_model
@@ -517,3 +527,8 @@ def ssmkit_vim_small(pretrained: bool = False, **kwargs) -> VisionMamba:
 @timm_register_model
 def ssmkit_vim_base(pretrained: bool = False, **kwargs) -> VisionMamba:
     return _timm_build("vim_base", pretrained, kwargs)
+
+
+@timm_register_model
+def ssmkit_vim_micro(pretrained: bool = False, **kwargs) -> VisionMamba:
+    return _timm_build("vim_micro", pretrained, kwargs)

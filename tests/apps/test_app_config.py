@@ -1,17 +1,22 @@
-"""Configuration dataclasses -> flags and TOML files."""
+"""Configuration by composition: option groups -> flags, TOML files, given options, key=value lists."""
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
 
-from ssmkit.apps.config import ConfigError, TrainConfig, add_arguments, build_config, option, to_toml
+from ssmkit.apps.config import (ConfigError, RunOptions, TrainOptions, add_arguments, build_config, compose, given,
+                                option, parse_kwargs, replace, to_toml)
 
 
 @dataclass
-class DemoAppConfig(TrainConfig):
+class DemoOptions:
+    title = "demo-app"
     width: int = option(8, "hidden width")
     mode: str = option("fast", "how to run", ("fast", "slow"))
-    steps: int = option(10, "optimizer steps")
+
+
+DemoAppConfig = compose("DemoAppConfig", RunOptions, DemoOptions, TrainOptions, defaults=dict(steps=10))
 
 
 def parse(argv):
@@ -71,7 +76,7 @@ def test_validation():
 
 def test_help_lists_every_option_with_its_default(capsys):
     parser = argparse.ArgumentParser(prog="x")
-    add_arguments(parser, DemoAppConfig, "demo-app options")
+    add_arguments(parser, DemoAppConfig)
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -80,3 +85,32 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "--mode {fast,slow} how to run (default: \"fast\")" in text
     for name in ("--steps", "--batch-size", "--grad-accum", "--ema-decay", "--resume, --no-resume", "--overwrite"):
         assert name in text
+
+
+def test_composition_keeps_one_declaration_per_option_and_a_table_of_defaults():
+    fields = {f.name: f for f in dataclasses.fields(DemoAppConfig)}
+    assert fields["steps"].default == 10 and fields["steps"].metadata["help"] == "optimizer steps to train for"
+    assert dataclasses.fields(TrainOptions)[0].default == 1000  # the group itself is unchanged
+    assert DemoAppConfig.__option_groups__[1] == ("demo-app", ("width", "mode"))
+    with pytest.raises(TypeError, match="defaults for options it does not have: stepz"):
+        compose("Bad", RunOptions, TrainOptions, defaults=dict(stepz=3))
+    with pytest.raises(TypeError, match="option 'steps' is in both TrainOptions and Dup"):
+        compose("Bad", TrainOptions, dataclass(type("Dup", (), {"__annotations__": {"steps": int}, "steps": 1})))
+    with pytest.raises(ConfigError, match="batch_size must be at least 1"):  # the groups' checks run
+        parse(["--batch-size", "0"])
+
+
+def test_given_options_are_remembered(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("width = 4\n")
+    cfg = parse(["--config", str(toml), "--lr", "0.5"])
+    assert given(cfg) == {"width", "lr"} and given(DemoAppConfig()) == frozenset()
+    assert given(replace(cfg, steps=3)) == {"width", "lr"}
+
+
+def test_parse_kwargs_reads_python_literals():
+    assert parse_kwargs("a=1, b=0.5,c=true,d=name,e=(2,2),f=[1, 2],g='x,y'") == \
+        {"a": 1, "b": 0.5, "c": True, "d": "name", "e": (2, 2), "f": [1, 2], "g": "x,y"}
+    assert parse_kwargs("") == {}
+    with pytest.raises(ConfigError, match="model_kwargs: 'num_heads' is not key=value"):
+        parse_kwargs("num_heads", "model_kwargs")

@@ -7,12 +7,13 @@ import soundfile as sf
 import torch
 
 import ssmkit.apps.cli as cli
-from ssmkit.apps.audio import AudioConfig, GenerateConfig, application, generate
-from ssmkit.apps.runner import Runner
+from ssmkit.apps.application import eval_config
+from ssmkit.apps.audio import AudioGenerate, AudioTrain, application, sample_clips
+from ssmkit.apps.runner import Runner, evaluate_run
 from ssmkit.audio.data import load_digits, mu_law_decode, split_by_speaker
 
-TINY = dict(steps=40, batch_size=4, window=256, d_model=8, n_layers=1, d_state=4, warmup_steps=2, lr=1e-2,
-            log_every=10, eval_every=0, eval_batch_size=16, eval_windows=24)
+TINY = dict(steps=40, batch_size=4, window=256, model_kwargs="d_model=8,n_layers=1,d_state=4", warmup_steps=2,
+            lr=1e-2, log_every=10, eval_every=0, eval_batch_size=16, eval_windows=24)
 
 
 @pytest.fixture(autouse=True)
@@ -24,10 +25,10 @@ def single_process(monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    cfg = AudioConfig(out_dir=str(tmp_path_factory.mktemp("audio")), **TINY)
+    cfg = AudioTrain(out_dir=str(tmp_path_factory.mktemp("audio")), **TINY)
     cfg.validate()
-    runner = Runner(application, cfg)
-    return cfg, runner.train(), runner.model
+    run = Runner(application, cfg).train()
+    return cfg, run, run.model
 
 
 def test_short_training_beats_the_uniform_baseline_clearly(trained):
@@ -39,7 +40,8 @@ def test_short_training_beats_the_uniform_baseline_clearly(trained):
 
 def test_split_is_speaker_disjoint_on_the_digits(trained):
     cfg, _, _ = trained
-    train, held = application.build_datasets(cfg)
+    spec = application.setup(cfg)
+    train, held = spec.train, spec.eval
     names, _ = load_digits()
     a, b = split_by_speaker(names, cfg.eval_fraction, cfg.seed)
     assert not {names[i].split("_")[0] for i in a} & {names[i].split("_")[0] for i in b}
@@ -48,8 +50,23 @@ def test_split_is_speaker_disjoint_on_the_digits(trained):
 
 def test_eval_matches_the_training_run(trained):
     cfg, run, _ = trained
-    result = Runner(application, cfg).evaluate()
+    result = evaluate_run(application, eval_config(application)(out_dir=cfg.out_dir))
     assert result.metrics["nll_bits"] == pytest.approx(run.metrics["nll_bits"], rel=1e-5)
+
+
+def test_eval_on_a_run_trained_on_a_wav_folder_scores_that_folder(tmp_path, capsys):
+    """Not the embedded digits: the run's own data (and what it scored is said and recorded)."""
+    data = tmp_path / "wavs"
+    rng = np.random.default_rng(1)
+    for speaker in ("s1", "s2", "s3", "s4"):
+        _write(data, f"{speaker}_x.wav", rng.uniform(-0.5, 0.5, 2048))
+    out = str(tmp_path / "run")
+    assert cli.main(["audio", "train", "--data-dir", str(data), "--out-dir", out, "--steps", "2", "--batch-size", "2",
+                     "--window", "256", "--model-kwargs", "d_model=8,n_layers=1,d_state=4", "--warmup-steps", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["audio", "eval", "--out-dir", out]) == 0
+    assert f"held-out files of {data}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["data"].endswith(f"held-out files of {data}")
 
 
 def _write(folder, name, samples, rate=16000):
@@ -59,7 +76,7 @@ def _write(folder, name, samples, rate=16000):
 
 def test_cli_generate_and_score(trained, tmp_path, capsys):
     cfg, run, _ = trained
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()] + ["--out-dir", str(run.out_dir)]
+    flags = ["--out-dir", str(run.out_dir)]
     prime_wav = tmp_path / "prime.wav"
     _write(tmp_path, "prime.wav", mu_law_decode(torch.randint(100, 156, (400,))).numpy())
     out = tmp_path / "gen"
@@ -90,6 +107,19 @@ def test_cli_generate_and_score(trained, tmp_path, capsys):
     assert cli.main(["audio", "train", *flags, "--window", "100"]) == 2  # not a multiple of 16
 
 
+def test_a_folder_without_speaker_names_points_at_the_options_and_stereo_warns_once(tmp_path, capsys):
+    data = tmp_path / "wavs"
+    for name in ("one.wav", "two.wav", "three.wav"):
+        _write(data, name, np.stack([np.zeros(700), np.ones(700) * 0.1], 1), rate=44100)
+    argv = ["audio", "train", "--data-dir", str(data), "--out-dir", str(tmp_path / "r"), "--steps", "1"]
+    with pytest.warns(UserWarning) as caught:
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--speaker-pattern" in err[0] and "--eval-list" in err[0], err
+    conversions = [str(w.message) for w in caught if "averaged to mono" in str(w.message)]
+    assert conversions == [f"{data}: of 3 files, 3 averaged to mono and 3 resampled to 16000 Hz"]
+
+
 def test_train_on_a_wav_folder_with_an_eval_list(tmp_path):
     data = tmp_path / "wavs"
     rng = np.random.default_rng(0)
@@ -97,17 +127,17 @@ def test_train_on_a_wav_folder_with_an_eval_list(tmp_path):
         for i in range(2):
             _write(data, f"{speaker}_nohash_{i}.wav", rng.uniform(-0.2, 0.2, 700), rate=8000)  # resampled
     (data / "eval.txt").write_text("s3_nohash_0.wav\ns3_nohash_1.wav\n")
-    cfg = AudioConfig(out_dir=str(tmp_path / "run"), data_dir=str(data), eval_list=str(data / "eval.txt"),
-                      **{**TINY, "steps": 2, "window": 512})
-    train, held = application.build_datasets(cfg)
+    cfg = AudioTrain(out_dir=str(tmp_path / "run"), data_dir=str(data), eval_list=str(data / "eval.txt"),
+                     **{**TINY, "steps": 2, "window": 512})
+    spec = application.setup(cfg)
+    train, held = spec.train, spec.eval
     assert len(train) == 4 * 2 and len(held) == 2 * 2  # 1400 samples at 16 kHz: two windows of 512 each
     assert Runner(application, cfg).train().step == 2
 
 
 def test_generate_with_a_given_model(trained, tmp_path):
     cfg, _, model = trained
-    gcfg = GenerateConfig(out_dir=str(tmp_path), **TINY, n_samples=1, length=32)
-    record = generate(gcfg, model=model)
+    record = sample_clips(AudioGenerate(n_samples=1, length=32), model, cfg, tmp_path / "generate")
     assert (tmp_path / "generate" / "sample_00.wav").is_file() and record["length"] == 32
 
 

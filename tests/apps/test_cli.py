@@ -89,19 +89,49 @@ def test_run_errors_exit_1_without_traceback(tmp_path, capsys):
     assert err.strip() == ("ssmkit: error: batch_size 16 is larger than the training set of seq (8 samples); "
                            "lower --batch-size")
     assert main(["seq", "eval", "--out-dir", str(tmp_path / "none"), "--eval-size", "4"]) == 1
-    assert "weights file" in capsys.readouterr().err
+    assert "holds no ssmkit run (no config.toml)" in capsys.readouterr().err
+    assert main(["seq", "train", "--out-dir", str(tmp_path / "x"), "--model", "mamba_lm_tinyy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssmkit: error: --model: unknown model 'mamba_lm_tinyy'. Similar: "
+                                               "mamba_lm_tiny")
+    assert main(["seq", "train", "--out-dir", str(tmp_path / "x"), "--model-kwargs", "d_modl=8"]) == 2
+    assert "--model mamba_lm_tiny --model-kwargs 'd_modl=8'" in capsys.readouterr().err
 
 
-def test_seq_train_eval_and_refusal_to_overwrite(tmp_path, capsys):
+def test_seq_train_resume_eval_with_the_runs_own_sizes(tmp_path, capsys):
     tiny = ["--context", "8", "--n-data", "2", "--n-symbols", "3", "--train-size", "32", "--eval-size", "16",
-            "--d-model", "8", "--n-layer", "1", "--d-state", "4", "--batch-size", "8", "--eval-every", "0"]
+            "--model-kwargs", "d_model=8,n_layer=1,d_state=4", "--batch-size", "8", "--eval-every", "0"]
     out = str(tmp_path / "run")
     assert main(["seq", "train", "--out-dir", out, "--steps", "3", *tiny]) == 0
     assert main(["seq", "train", "--out-dir", out, "--steps", "3", *tiny]) == 1
     assert "already holds the checkpoints of another run" in capsys.readouterr().err
-    assert main(["seq", "train", "--config", f"{out}/config.toml", "--steps", "5", "--resume"]) == 0
+    assert main(["seq", "train", "--config", f"{out}/config.toml", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert main(["seq", "eval", "--config", f"{out}/config.toml"]) == 0
-    assert "seq eval of" in capsys.readouterr().out and (tmp_path / "run" / "eval.json").exists()
-    assert main(["seq", "eval", "--config", f"{out}/config.toml", "--d-model", "16"]) == 1
-    assert "does not fit this MambaLM" in capsys.readouterr().err
+    assert main(["seq", "train", "--config", f"{out}/config.toml", "--lr", "0.5", "--resume"]) == 1
+    assert "with --lr 0.5 (the run's: 0.01)" in capsys.readouterr().err
+    # eval needs only the run folder: its model sizes and data come from the run
+    assert main(["seq", "eval", "--out-dir", out]) == 0
+    said = capsys.readouterr().out
+    assert "seq eval of" in said and "on 16 held-out selective-copy sequences (context 8" in said
+    assert (tmp_path / "run" / "eval.json").exists()
+    # told otherwise: scored on other data of the same vocabulary, and it says so
+    assert main(["seq", "eval", "--out-dir", out, "--context", "12", "--eval-size", "8"]) == 0
+    assert "on 8 held-out selective-copy sequences (context 12" in capsys.readouterr().out
+    assert main(["seq", "eval", "--out-dir", out, "--n-symbols", "5"]) == 1
+    assert "vocab_size 7, the run in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["audio", "generate"], ["dna", "embed"], ["mil", "heatmap"], ["classify", "predict"],
+                                  ["video", "generate"], ["restore", "run"], ["seq", "eval"]])
+def test_commands_on_a_run_list_no_training_options(argv, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--lr ", "--steps ", "--ema-decay", "--warmup-steps", "--batch-size"):
+        assert flag not in text, (argv, flag)
+
+
+def test_every_application_takes_a_registered_model():
+    for app in load_applications():
+        names = {f.name for f in dataclasses.fields(app.train_config)}
+        assert {"model", "model_kwargs"} <= names, app.name

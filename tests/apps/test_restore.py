@@ -7,12 +7,13 @@ import torch
 from PIL import Image
 
 import ssmkit.apps.cli as cli
-from ssmkit.apps.restore import RestoreConfig, RunConfig, _baseline, application, run
+from ssmkit.apps.application import RunContext
+from ssmkit.apps.restore import RestoreRun, RestoreTrain, _baseline, application, run
 from ssmkit.apps.runner import Runner
 from ssmkit.vision.metrics import psnr
 
-TINY = dict(steps=2, batch_size=2, gt_patch=16, train_size=8, embed_dim=8, depths="1", d_state=2, eval_crop=24,
-            warmup_steps=1, log_every=1, eval_every=0)
+TINY = dict(steps=2, batch_size=2, gt_patch=16, train_size=8, model_kwargs="embed_dim=8,depths=(1,),d_state=2",
+            eval_crop=24, warmup_steps=1, log_every=1, eval_every=0)
 
 
 @pytest.fixture(autouse=True)
@@ -43,15 +44,17 @@ def images(tmp_path_factory):
 
 
 def test_a_few_steps_reduce_the_loss(images):
-    cfg = RestoreConfig(**{**TINY, "interp_init": False}, gt_dir=str(images / "gt"), eval_gt_dir=str(images / "gt"))
+    cfg = RestoreTrain(**{**TINY, "model_kwargs": TINY["model_kwargs"] + ",interp_init=False"},
+                       gt_dir=str(images / "gt"), eval_gt_dir=str(images / "gt"))
     torch.manual_seed(0)
-    model = application.build_model(cfg)
-    train, _ = application.build_datasets(cfg)
-    batch = application.collate([train[i] for i in range(4)])
+    spec = application.setup(cfg)
+    ctx = RunContext(cfg, spec.meta)
+    model = application.build_model(ctx)
+    batch = application.collate([spec.train[i] for i in range(4)])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        loss = application.train_loss(model, batch)
+        loss = application.train_loss(model, batch, ctx)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -60,20 +63,20 @@ def test_a_few_steps_reduce_the_loss(images):
 
 
 def test_train_reports_model_and_bicubic_baseline(tmp_path, images):
-    cfg = RestoreConfig(out_dir=str(tmp_path), **TINY, gt_dir=str(images / "gt"), eval_gt_dir=str(images / "gt"))
+    cfg = RestoreTrain(out_dir=str(tmp_path), **TINY, gt_dir=str(images / "gt"), eval_gt_dir=str(images / "gt"))
     cfg.validate()
     result = Runner(application, cfg).train()
-    assert set(result.metrics) == set(application.metrics)
+    assert set(result.metrics) == set(application.metrics) and result.meta == {"scale": 2}
     # the baseline really is MATLAB bicubic of the LQ, scored on Y with a border of the scale
-    _, eval_set = application.build_datasets(cfg)
+    eval_set = application.setup(cfg).eval
     values = [psnr(_baseline(eval_set[i]["lq"][None], 2), eval_set[i]["gt"][None], 2, True) for i in range(2)]
     assert result.metrics["baseline_psnr"] == pytest.approx(torch.cat(values).mean().item(), rel=1e-6)
     assert result.metrics["psnr_gain"] == pytest.approx(result.metrics["psnr"] - result.metrics["baseline_psnr"])
 
 
 def test_denoising_beats_the_noisy_input(tmp_path):
-    cfg = RestoreConfig(out_dir=str(tmp_path), task="denoise", sigma=25, **{**TINY, "steps": 20, "train_size": 160,
-                        "batch_size": 8, "lr": 3e-3, "log_every": 10})
+    cfg = RestoreTrain(out_dir=str(tmp_path), task="denoise", sigma=25, model="mair_micro_denoise",
+                       **{**TINY, "steps": 20, "train_size": 160, "batch_size": 8, "lr": 3e-3, "log_every": 10})
     cfg.validate()
     metrics = Runner(application, cfg).train().metrics
     assert metrics["psnr"] > metrics["baseline_psnr"] + 0.5, metrics
@@ -82,7 +85,7 @@ def test_denoising_beats_the_noisy_input(tmp_path):
 def test_super_resolution_beats_bicubic(tmp_path):
     """x2 SR with the default small model on the embedded photographs: 150 steps pass MATLAB bicubic on the
     held-out images (+0.6 dB with seed 0; ~10 s on an idle 2-core CPU)."""
-    cfg = RestoreConfig(out_dir=str(tmp_path), task="sr", scale=2, eval_every=0)
+    cfg = RestoreTrain(out_dir=str(tmp_path), task="sr", model="mair_micro_sr_x2", eval_every=0)
     cfg.validate()
     metrics = Runner(application, cfg).train().metrics
     assert metrics["psnr"] > metrics["baseline_psnr"] + 0.2, metrics
@@ -91,24 +94,42 @@ def test_super_resolution_beats_bicubic(tmp_path):
 def test_cli_train_eval_test_and_run(tmp_path, images, capsys):
     flags = _flags({**TINY, "gt_dir": images / "gt", "eval_gt_dir": images / "gt", "out_dir": tmp_path})
     assert cli.main(["restore", "train", *flags]) == 0
-    assert cli.main(["restore", "eval", *flags]) == 0
-    assert cli.main(["restore", "test", *flags, "--tile", "8", "--tile-overlap", "4"]) == 0
+    run_dir = ["--out-dir", str(tmp_path)]
+    assert cli.main(["restore", "eval", *run_dir]) == 0
+    assert cli.main(["restore", "test", *run_dir, "--tile", "8", "--tile-overlap", "4"]) == 0
     out = capsys.readouterr().out
     assert "PSNR (Y, crop 2)" in out and "astronaut" in out and "mean" in out
     result = json.loads((tmp_path / "test" / "results.json").read_text())
     assert [r["name"] for r in result["images"]] == ["astronaut", "rocket"] and result["baseline"] == "bicubic"
     assert (tmp_path / "test" / "astronaut.png").is_file()
-    assert cli.main(["restore", "run", *flags, "--input", str(images / "odd.png"), "--tile", "10",
+    assert cli.main(["restore", "run", *run_dir, "--input", str(images / "odd.png"), "--tile", "10",
                      "--tile-overlap", "4"]) == 0
     with Image.open(tmp_path / "restored" / "odd.png") as im:
         assert im.size == (54, 38)
 
 
+def test_test_scores_the_runs_own_eval_data_unless_told(tmp_path, images, capsys):
+    """`restore test --out-dir R` scores R's eval folder (not the embedded photographs); data options given
+    to `test` replace it."""
+    flags = _flags({**TINY, "gt_dir": images / "gt", "eval_gt_dir": images / "gt", "out_dir": tmp_path})
+    assert cli.main(["restore", "train", *flags]) == 0
+    capsys.readouterr()
+    assert cli.main(["restore", "test", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "test" / "results.json").read_text())
+    assert [r["name"] for r in result["images"]] == ["astronaut", "rocket"]
+    assert str(images / "gt") in result["data"]
+    assert cli.main(["restore", "test", "--out-dir", str(tmp_path), "--eval-gt-dir", "", "--eval-crop", "24",
+                     "--output", str(tmp_path / "embedded")]) == 0
+    result = json.loads((tmp_path / "embedded" / "results.json").read_text())
+    assert len(result["images"]) == 3 and "embedded" in result["data"]
+
+
 def test_run_tiled_equals_whole_when_the_tile_covers_the_image(tmp_path, images):
-    cfg = RunConfig(out_dir=str(tmp_path), **TINY, input=str(images / "odd.png"))
-    model = application.build_model(cfg)
-    whole = run(RunConfig(**{**cfg.__dict__, "output": str(tmp_path / "a")}), model=model)[0]
-    tiled = run(RunConfig(**{**cfg.__dict__, "output": str(tmp_path / "b"), "tile": 32}), model=model)[0]
+    flags = _flags({**TINY, "gt_dir": images / "gt", "eval_gt_dir": images / "gt", "out_dir": tmp_path})
+    assert cli.main(["restore", "train", *flags]) == 0
+    base = dict(out_dir=str(tmp_path), input=str(images / "odd.png"))
+    whole = run(RestoreRun(**base, output=str(tmp_path / "a")))[0]
+    tiled = run(RestoreRun(**base, output=str(tmp_path / "b"), tile=32))[0]
     assert np.array_equal(np.asarray(Image.open(whole)), np.asarray(Image.open(tiled)))
 
 
@@ -127,7 +148,7 @@ def test_bad_input_gives_clear_errors(tmp_path, images, capsys):
     assert cli.main(["restore", "train", *base, "--degradation", "sharpen2"]) == 2
     assert "unknown degradation" in capsys.readouterr().err
     assert cli.main(["restore", "train", *base, "--gt-patch", "15"]) == 2
-    assert cli.main(["restore", "run", *base, "--input", str(tmp_path / "nothing.png"),
+    assert cli.main(["restore", "run", "--out-dir", str(tmp_path / "run"), "--input", str(tmp_path / "nothing.png"),
                      "--weights", str(tmp_path / "none.safetensors")]) == 1
 
 

@@ -10,8 +10,12 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-import ssmkit.apps.runner as runner_mod
-from ssmkit.apps.runner import EpochBatches, Runner, RunError, load_weights, parameter_groups, warmup_cosine
+import ssmkit.apps.run_folder as run_folder_mod
+from ssmkit.apps.application import RunContext, eval_config
+from ssmkit.apps.config import ConfigError, build_config
+from ssmkit.apps.run_folder import atomic_write, load_weights
+from ssmkit.apps.runner import EpochBatches, Runner, evaluate_run, parameter_groups, warmup_cosine
+from ssmkit.errors import RunError
 from tinyapp import TinyApp, TinyConfig
 
 TINYAPP = Path(__file__).with_name("tinyapp.py")
@@ -126,9 +130,11 @@ def test_training_writes_logs_plots_checkpoints_and_best(tmp_path):
     assert (tmp_path / "eval_log.csv").read_text().splitlines()[0] == "step,mse,mae"
     assert "steps = 24" in (tmp_path / "config.toml").read_text()
 
-    evaluated = Runner(TinyApp(), TinyConfig(out_dir=str(tmp_path))).evaluate()
+    evaluated = evaluate_run(TinyApp(), eval_config(TinyApp())(out_dir=str(tmp_path)))
     assert evaluated.metrics["mse"] == pytest.approx(best["mse"], rel=1e-5)
-    assert json.loads((tmp_path / "eval.json").read_text())["step"] == best["step"]
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["step"] == best["step"] and record["data"] == "32 eval samples" and record["samples"] == 32
+    assert json.loads((tmp_path / "run.json").read_text()) == {"inputs": 4}
 
 
 def test_epochs_option_sets_the_step_count(tmp_path):
@@ -145,11 +151,13 @@ def test_resume_after_a_crash_gives_identical_weights(tmp_path, extra):
         pass
 
     class CrashingApp(TinyApp):
-        def train_loss(self, model, batch):
-            self.n = getattr(self, "n", 0) + 1
-            if self.n == 6 * cfg.get("grad_accum", 1):
+        n = 0
+
+        def train_loss(self, model, batch, ctx):
+            CrashingApp.n += 1
+            if CrashingApp.n == 6 * cfg.get("grad_accum", 1):
                 raise Crash
-            return super().train_loss(model, batch)
+            return super().train_loss(model, batch, ctx)
 
     with pytest.raises(Crash):
         Runner(CrashingApp(), TinyConfig(out_dir=str(tmp_path / "resumed"), **cfg)).train()
@@ -192,7 +200,7 @@ def test_kill_and_resume_in_a_subprocess_gives_identical_weights(tmp_path):
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    real_save = runner_mod.save_model
+    real_save = run_folder_mod.save_model
     calls = []
 
     def failing_save(model, filename, metadata=None):
@@ -202,13 +210,14 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, 
             raise OSError("disk full")
         real_save(model, filename, metadata=metadata)
 
-    monkeypatch.setattr(runner_mod, "save_model", failing_save)
+    monkeypatch.setattr(run_folder_mod, "save_model", failing_save)
     with pytest.raises(OSError, match="disk full"):
         train(tmp_path, steps=10, checkpoint_every=4)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["step_00000004"]  # no half-written folder, the old one intact
-    load_weights(TinyApp().build_model(TinyConfig()), tmp_path / "checkpoints/step_00000004/model.safetensors")
-    monkeypatch.setattr(runner_mod, "save_model", real_save)
+    load_weights(TinyApp().build_model(RunContext(TinyConfig(), {})),
+                 tmp_path / "checkpoints/step_00000004/model.safetensors")
+    monkeypatch.setattr(run_folder_mod, "save_model", real_save)
     assert train(tmp_path, steps=10, checkpoint_every=4, resume=True).step == 10
 
 
@@ -221,7 +230,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         raise OSError("crash")
 
     with pytest.raises(OSError):
-        runner_mod.atomic_write(path, crash)
+        atomic_write(path, crash)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
 
 
@@ -245,10 +254,35 @@ def test_refuses_to_resume_another_models_checkpoint(tmp_path):
     with pytest.raises(RunError, match=r"cannot resume from .*step_00000004: it belongs to another model "
                                        r"\(parameter net.0.bias has shape \[16\] there and \[8\]"):
         train(tmp_path, steps=8, width=8, resume=True)
-    with pytest.raises(RunError, match="trained with batch_size 16 on 64 samples, this run has 8 on 64"):
-        train(tmp_path, steps=8, batch_size=8, resume=True)
+    with pytest.raises(RunError, match=r"with --batch-size 8 \(the run's: 16\)"):
+        train(tmp_path, steps=4, batch_size=8, resume=True)
     with pytest.raises(RunError, match="does not fit this TinyNet"):
-        load_weights(TinyApp().build_model(TinyConfig(width=8)), tmp_path / "model.safetensors")
+        load_weights(TinyApp().build_model(RunContext(TinyConfig(width=8), {})), tmp_path / "model.safetensors")
+
+
+def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
+    """--resume continues the same run: a changed learning rate or fewer steps are refused, naming the
+    option, before anything is trained or written; options that change nothing recorded may differ, and
+    more steps train further."""
+    train(tmp_path, steps=8, checkpoint_every=4)
+    config = (tmp_path / "config.toml").read_text()
+    with pytest.raises(RunError, match=r"cannot resume from .*step_00000008 with --lr 0.5 \(the run's: 0.01\)"):
+        train(tmp_path, steps=8, lr=0.5, resume=True)
+    with pytest.raises(RunError, match=r"--steps 6 \(the run's: 8\)"):
+        train(tmp_path, steps=6, resume=True)
+    assert (tmp_path / "config.toml").read_text() == config  # still records the run as it was
+    assert train(tmp_path, steps=8, resume=True, log_every=3, keep_checkpoints=2).step == 8
+    capsys.readouterr()
+    assert train(tmp_path, steps=12, resume=True).step == 12
+    assert "continuing to 12 steps (the run had 8)" in capsys.readouterr().out
+    assert "steps = 12" in (tmp_path / "config.toml").read_text()
+
+
+def test_nan_and_infinite_options_are_refused():
+    with pytest.raises(ConfigError, match="lr must be a finite number, got nan"):
+        build_config(TinyConfig, {"lr": float("nan")})
+    with pytest.raises(ConfigError, match="weight_decay must be a finite number, got inf"):
+        build_config(TinyConfig, {"weight_decay": float("inf")})
 
 
 def test_resume_without_a_checkpoint_starts_a_new_run(tmp_path, capsys):
@@ -270,8 +304,8 @@ def test_unknown_best_metric(tmp_path):
 
 def test_nan_loss_is_reported_with_the_step(tmp_path):
     class Diverging(TinyApp):
-        def train_loss(self, model, batch):
-            return super().train_loss(model, batch) * float("nan")
+        def train_loss(self, model, batch, ctx):
+            return super().train_loss(model, batch, ctx) * float("nan")
 
     with pytest.raises(RunError, match="training loss of tiny became nan at step 1"):
         Runner(Diverging(), TinyConfig(out_dir=str(tmp_path), steps=3)).train()

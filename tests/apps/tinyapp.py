@@ -17,23 +17,24 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from ssmkit.apps.config import TrainConfig, add_arguments, build_config, option
-from ssmkit.apps.runner import Application, Runner
+from ssmkit.apps.application import Application, RunSpec
+from ssmkit.apps.config import (DeviceOptions, EvalOptions, RunOptions, SeedOptions, TrainOptions, add_arguments,
+                                build_config, compose, option)
+from ssmkit.apps.runner import Runner
 
 
 @dataclass
-class TinyConfig(TrainConfig):
+class TinyOptions:
+    title = "tiny"
     n_train: int = option(64, "training samples")
     n_eval: int = option(32, "eval samples")
     width: int = option(16, "hidden width")
     dropout: float = option(0.0, "dropout probability (uses the RNG during training)")
-    steps: int = option(8, "optimizer steps")
-    batch_size: int = option(16, "global batch")
-    lr: float = option(1e-2, "peak learning rate")
-    warmup_steps: int = option(2, "warm-up steps")
-    log_every: int = option(1, "log every N steps")
-    checkpoint_every: int = option(4, "checkpoint every N steps")
-    device: str = option("cpu", "the tests compare CPU runs bit for bit", ("auto", "cpu", "cuda"))
+
+
+TinyConfig = compose("TinyConfig", RunOptions, SeedOptions, TinyOptions, TrainOptions, EvalOptions, DeviceOptions,
+                     defaults=dict(steps=8, batch_size=16, lr=1e-2, warmup_steps=2, log_every=1, checkpoint_every=4,
+                                   device="cpu"))
 
 
 class TinyNet(nn.Module):
@@ -56,24 +57,25 @@ def make_data(n: int, seed: int) -> TensorDataset:
 class TinyApp(Application):
     name = "tiny"
     help = "tiny regression for tests"
-    config = TinyConfig
+    train_config = TinyConfig
+    data_groups = (TinyOptions,)
     metrics = {"mse": "min", "mae": "min"}
     calls = 0
 
-    def build_model(self, cfg):
-        return TinyNet(cfg.width, cfg.dropout)
+    def setup(self, cfg):
+        return RunSpec(make_data(cfg.n_train, 1), make_data(cfg.n_eval, 2), {"inputs": 4}, f"{cfg.n_eval} eval samples")
 
-    def build_datasets(self, cfg):
-        return make_data(cfg.n_train, 1), make_data(cfg.n_eval, 2)
+    def build_model(self, ctx):
+        return TinyNet(ctx.cfg.width, ctx.cfg.dropout)
 
-    def train_loss(self, model, batch):
+    def train_loss(self, model, batch, ctx):
         TinyApp.calls += 1
         if TinyApp.calls == int(os.environ.get("TINY_KILL_AT_CALL", 0)):
             os.kill(os.getpid(), signal.SIGKILL)
         x, y = batch
         return (model(x) - y).pow(2).mean()
 
-    def eval_step(self, model, batch):
+    def eval_step(self, model, batch, ctx):
         x, y = batch
         err = model(x) - y
         return {"mse": err.pow(2), "mae": err.abs()}

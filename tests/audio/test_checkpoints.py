@@ -9,7 +9,8 @@ import soundfile as sf
 import torch
 
 import ssmkit.apps.cli as cli
-from ssmkit.audio.checkpoints import CheckpointError, convert_official_sashimi, load_official_sashimi
+from ssmkit.audio.checkpoints import convert_official_sashimi, load_official_sashimi
+from ssmkit.errors import CheckpointError
 from ssmkit.audio.sashimi import SashimiLM, ScalarNorm
 
 

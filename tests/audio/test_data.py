@@ -4,9 +4,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from ssmkit.audio.data import (IGNORE, AudioDataError, ClipWindows, linear_decode, linear_encode, load_digits,
+from ssmkit.audio.data import (IGNORE, ClipWindows, linear_decode, linear_encode, load_digits,
                                load_wav_folder, mu_law_decode, mu_law_encode, read_wav, split_by_list,
                                split_by_speaker, wav_files, write_wav)
+from ssmkit.errors import DataError
 
 
 def test_mu_law_round_trip_and_conventions():
@@ -55,18 +56,18 @@ def test_wav_round_trip_stereo_and_resampling(tmp_path):
 
 
 def test_bad_files_are_named_or_skipped(tmp_path):
-    with pytest.raises(AudioDataError, match="no .wav files"):
+    with pytest.raises(DataError, match="no .wav files"):
         wav_files(tmp_path)
-    with pytest.raises(AudioDataError, match="not a folder"):
+    with pytest.raises(DataError, match="not a folder"):
         wav_files(tmp_path / "missing")
     _wav(tmp_path / "good_1.wav", np.zeros(100))
     (tmp_path / "bad_1.wav").write_bytes(b"RIFF not really a wav")
     (tmp_path / "notes.mp3").write_bytes(b"\x00")
     (tmp_path / "list.txt").write_text("good_1.wav\n")  # split lists are allowed
-    with pytest.raises(AudioDataError, match="notes.mp3"):
+    with pytest.raises(DataError, match="notes.mp3"):
         load_wav_folder(tmp_path, 16000)
     (tmp_path / "notes.mp3").unlink()
-    with pytest.raises(AudioDataError, match="bad_1.wav: not a readable WAV file"):
+    with pytest.raises(DataError, match="bad_1.wav: not a readable WAV file"):
         load_wav_folder(tmp_path, 16000)
     with pytest.warns(UserWarning, match="bad_1.wav"):
         names, waves = load_wav_folder(tmp_path, 16000, skip_bad=True)
@@ -79,9 +80,9 @@ def test_speaker_split_is_disjoint_and_list_split():
     spk = lambda idx: {names[i].split("_")[0] for i in idx}  # noqa: E731
     assert len(spk(held)) == 1 and not spk(train) & spk(held) and len(train) + len(held) == 12
     assert split_by_speaker(names, 0.25, seed=0) == (train, held)
-    with pytest.raises(AudioDataError, match="no speaker key"):
+    with pytest.raises(DataError, match="no speaker key"):
         split_by_speaker(["nounderscore.wav", "x_1.wav"], 0.5, 0)
-    with pytest.raises(AudioDataError, match="at least 2 speakers"):
+    with pytest.raises(DataError, match="at least 2 speakers"):
         split_by_speaker(["a_1.wav", "a_2.wav"], 0.5, 0)
 
 
@@ -90,7 +91,7 @@ def test_split_by_list(tmp_path):
     (tmp_path / "eval.txt").write_text("a/y.wav\n\n")
     assert split_by_list(names, tmp_path / "eval.txt") == ([0, 2], [1])
     (tmp_path / "bad.txt").write_text("c/w.wav\n")
-    with pytest.raises(AudioDataError, match="bad.txt: names files that are not in the data: c/w.wav"):
+    with pytest.raises(DataError, match="bad.txt: names files that are not in the data: c/w.wav"):
         split_by_list(names, tmp_path / "bad.txt")
 
 
@@ -105,9 +106,9 @@ def test_windows_teacher_forcing_padding_and_short_policy():
     assert short["targets"].tolist() == [0, 1, 2, 3, 4] + [IGNORE] * 3
     assert short["inputs"].tolist() == [128, 0, 1, 2, 3, 4, 128, 128]
     assert len(ClipWindows(clips, 8, "skip")) == 2
-    with pytest.raises(AudioDataError, match="short.wav: 5 samples, shorter than the window of 8"):
+    with pytest.raises(DataError, match="short.wav: 5 samples, shorter than the window of 8"):
         ClipWindows(clips, 8, "error", ["long.wav", "short.wav"])
-    with pytest.raises(AudioDataError, match="only.wav: no windows"):
+    with pytest.raises(DataError, match="only.wav: no windows"):
         ClipWindows(clips[1:], 8, "skip", ["only.wav"])
 
 
@@ -119,7 +120,7 @@ def test_embedded_digits_fixture(tmp_path):
     assert len(voices) >= 8 and len(digits) == 10
     assert (codes.float() - 128).abs().mean(1).min() > 1  # no silent clips
     np.savez(tmp_path / "bad.npz", codes=np.zeros((2, 3), np.int16), names=np.array(["a", "b"]))
-    with pytest.raises(AudioDataError, match="bad.npz: 'codes' must be uint8"):
+    with pytest.raises(DataError, match="bad.npz: 'codes' must be uint8"):
         load_digits(tmp_path / "bad.npz")
-    with pytest.raises(AudioDataError, match="missing"):
+    with pytest.raises(DataError, match="missing"):
         load_digits(tmp_path / "none.npz")

@@ -11,11 +11,11 @@ from ssmkit.core.mamba import (
     MambaBlock,
     MambaCache,
     MambaLM,
-    RMSNorm,
     SequenceOrder,
     StridedOrder,
     causal_conv1d,
 )
+from ssmkit.core.layers import RMSNorm
 from ssmkit.core.scan import selective_scan
 
 D_MODEL, N_STATE = 16, 4  # d_inner 32, dt_rank 1

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ssmkit.genomics.checkpoints import CheckpointError, load_hyenadna
+from ssmkit.errors import CheckpointError
+from ssmkit.genomics.checkpoints import load_hyenadna
 from ssmkit.genomics.hyenadna import HyenaDNAConfig, HyenaDNALM
 
 CFG = HyenaDNAConfig(d_model=8, n_layer=2, d_inner=16, l_max=34, filter_order=16)

@@ -4,6 +4,7 @@ import gzip
 import pytest
 import torch
 
+from ssmkit.errors import DataError
 from ssmkit.genomics import data as gd
 from ssmkit.genomics.tokenizer import CharTokenizer
 
@@ -25,14 +26,14 @@ def test_read_fasta_plain_and_gzip(tmp_path):
 
 def test_read_fasta_errors_name_record_and_position(tmp_path):
     bad = write(tmp_path / "bad.fa", ">ok\nACGT\n>chr2\nACGRT\n")
-    with pytest.raises(gd.DataError, match=r"bad.fa: record 'chr2': character 'R' at position 4"):
+    with pytest.raises(DataError, match=r"bad.fa: record 'chr2': character 'R' at position 4"):
         gd.read_fasta(bad)
     assert gd.read_fasta(bad, unknown_as_n=True)[1] == ("chr2", "ACGNT")
-    with pytest.raises(gd.DataError, match="record 'e' is empty"):
+    with pytest.raises(DataError, match="record 'e' is empty"):
         gd.read_fasta(write(tmp_path / "empty.fa", ">e\n>f\nAC\n"))
-    with pytest.raises(gd.DataError, match="sequence before the first '>' header"):
+    with pytest.raises(DataError, match="sequence before the first '>' header"):
         gd.read_fasta(write(tmp_path / "nohead.fa", "ACGT\n"))
-    with pytest.raises(gd.DataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         gd.read_fasta(tmp_path / "missing.fa")
 
 
@@ -57,11 +58,11 @@ def test_fasta_bed_regions_are_zero_based_half_open(tmp_path, genome):
 
 def test_bed_errors(tmp_path, genome):
     path, _, _ = genome
-    with pytest.raises(gd.DataError, match=r"r.bed:1: interval chr1:250-400 lies outside the chromosome \(length 300\)"):
+    with pytest.raises(DataError, match=r"r.bed:1: interval chr1:250-400 lies outside the chromosome \(length 300\)"):
         gd.fasta_regions(path, write(tmp_path / "r.bed", "chr1\t250\t400\n"))
-    with pytest.raises(gd.DataError, match="chromosome 'chr9' is not in the FASTA file"):
+    with pytest.raises(DataError, match="chromosome 'chr9' is not in the FASTA file"):
         gd.fasta_regions(path, write(tmp_path / "r.bed", "chr9\t0\t10\n"))
-    with pytest.raises(gd.DataError, match="integer coordinates"):
+    with pytest.raises(DataError, match="integer coordinates"):
         gd.fasta_regions(path, write(tmp_path / "r.bed", "chr1\tten\t20\n"))
 
 
@@ -103,9 +104,9 @@ def test_genomic_benchmarks_folder(tmp_path):
     items, classes = gd.read_genomic_benchmarks(tmp_path, "train")
     assert classes == ["negative", "positive"] and items == [("ACGT", 0), ("GGCC", 0), ("TTTT", 1)]
     (tmp_path / "test" / "other").mkdir()
-    with pytest.raises(gd.DataError, match="other: empty class folder"):
+    with pytest.raises(DataError, match="other: empty class folder"):
         gd.read_genomic_benchmarks(tmp_path, "test")
-    with pytest.raises(gd.DataError, match="no such folder"):
+    with pytest.raises(DataError, match="no such folder"):
         gd.read_genomic_benchmarks(tmp_path, "valid")
 
 
@@ -114,9 +115,9 @@ def test_sequence_tables(tmp_path):
     assert items == [("ACGT", "1"), ("GG", "0")] and classes == ["0", "1"]
     items, _ = gd.read_sequence_table(write(tmp_path / "t.tsv", "seq\tclass\nAC\tx\n"), "seq", "class")
     assert items == [("AC", "x")]
-    with pytest.raises(gd.DataError, match="t.csv:3: missing label"):
+    with pytest.raises(DataError, match="t.csv:3: missing label"):
         gd.read_sequence_table(write(tmp_path / "t.csv", "sequence,label\nACGT,1\nGG,\n"))
-    with pytest.raises(gd.DataError, match="no column 'label'"):
+    with pytest.raises(DataError, match="no column 'label'"):
         gd.read_sequence_table(write(tmp_path / "t.csv", "sequence,y\nACGT,1\n"))
 
 

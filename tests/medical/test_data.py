@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssmkit.errors import DataError
 from ssmkit.medical.data import (BagDataset, Case, SplitLeakageError, check_leakage, make_splits,
                                  make_synthetic_bags, read_bag, read_bag_attrs, read_cases, read_splits, write_bag,
                                  write_splits)
@@ -28,7 +29,7 @@ def test_bag_files_round_trip(tmp_path):
 
 
 def test_bad_bags_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.h5"):
+    with pytest.raises(DataError, match="nope.h5"):
         read_bag(tmp_path / "nope.h5")
     (tmp_path / "broken.h5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="broken.h5 is not a readable HDF5"):
@@ -53,13 +54,13 @@ def test_read_cases_groups_slides_and_checks_rows(tmp_path):
 def test_dataset_errors_name_the_problem(tmp_path):
     write_bag(tmp_path, "s1", torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.long))
     cases = [Case("p1", ["s1"], "A"), Case("p2", ["s2"], "B")]
-    with pytest.raises(FileNotFoundError, match="slide s2 is listed in the CSV but has no bag"):
+    with pytest.raises(DataError, match="slide s2 is listed in the CSV but has no bag"):
         BagDataset(tmp_path, cases, labels={"A": 0, "B": 1})
     with pytest.raises(ValueError, match="label 'A', not one of"):
         BagDataset(tmp_path, cases[:1], labels={"B": 0})
-    ds = BagDataset(tmp_path, cases[:1], labels={"A": 0}, in_dim=1024)
-    with pytest.raises(ValueError, match="feature width 8 does not match the model's in_dim 1024"):
-        ds[0]
+    with pytest.raises(DataError, match=r"s1.h5: feature width 8, not --in-dim 1024"):  # before any epoch
+        BagDataset(tmp_path, cases[:1], labels={"A": 0}, in_dim=1024)
+    assert BagDataset(tmp_path, cases[:1], labels={"A": 0}).in_dim == 8
 
 
 def test_survival_patient_bags_concatenate_slides(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import tifffile
 import torch
 
+from ssmkit.errors import DataError
 from ssmkit.medical.data import read_bag, read_bag_attrs
 from ssmkit.medical.wsi import (EMBEDDED_SLIDE, FeatureExtractor, extract_slide, open_slide, read_tile,
                                 slide_mpp, stain_density, tile_slide, tissue_mask)
@@ -63,7 +64,7 @@ def test_tissue_mask_separates_stained_tissue_from_glass():
 
 
 def test_bad_slides_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.svs"):
+    with pytest.raises(DataError, match="missing.svs"):
         open_slide(tmp_path / "missing.svs")
     (tmp_path / "corrupt.svs").write_bytes(b"II*\x00garbage")
     with pytest.raises(ValueError, match="corrupt.svs is not a readable slide"):
@@ -110,7 +111,7 @@ def test_feature_extraction_writes_clam_bags(slide_file, tmp_path):
 def test_backbone_weights_only_from_a_local_file(tmp_path):
     with pytest.raises(ValueError, match="--random-init"):
         FeatureExtractor("resnet10t")
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(DataError, match="nowhere.pth"):
         FeatureExtractor("resnet10t", weights=str(tmp_path / "nowhere.pth"))
     source = FeatureExtractor("resnet10t", random_init=True, image_size=32, seed=5)
     torch.save(source.model.state_dict(), tmp_path / "r10.pth")

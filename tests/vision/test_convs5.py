@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import ssmkit
-from ssmkit.vision.convs5 import ConvS5Config, ConvS5Predictor, convs5_moving_digits_tiny, frame_ssim
+from ssmkit.vision.convs5 import ConvS5Config, ConvS5Predictor, convs5_moving_digits_tiny
+from ssmkit.vision.metrics import frame_ssim
 from ssmkit.vision.moving_digits import MovingDigits, load_digit_images, load_idx_images
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ssmkit.vision.data import DataError
+from ssmkit.errors import DataError
 from ssmkit.vision.restoration import (JPEG, BicubicDown, Compose, DegradedDataset, GaussianBlur, GaussianNoise,
                                        MotionBlur, PairedFolderDataset, embedded_images, imresize, load_gt_folder,
                                        parse_degradation, resize_weights, scale_of, tiled_forward)

@@ -40,7 +40,7 @@ def test_timm_create_model_every_registered_name():
     import ssmkit.vision  # noqa: F401  (registers in timm)
 
     names = timm.list_models("ssmkit_vim*")
-    assert set(names) == {"ssmkit_vim_tiny", "ssmkit_vim_small", "ssmkit_vim_base"}
+    assert set(names) == {"ssmkit_vim_micro", "ssmkit_vim_tiny", "ssmkit_vim_small", "ssmkit_vim_base"}
     for name in names:
         model = timm.create_model(name, num_classes=10, img_size=32, patch_size=8, embed_dim=32, depth=1)
         assert isinstance(model, VisionMamba) and model.num_classes == 10

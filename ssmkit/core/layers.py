@@ -1,0 +1,70 @@
+"""Building blocks that models of several domains share: norms, the SwiGLU feed-forward, stochastic depth."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["RMSNorm", "LayerNorm2d", "SwiGLU", "DropPath", "drop_path_rates"]
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim, computed in at least fp32 (mamba_ssm / Vim `RMSNorm`)."""
+
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
+        return out.to(x.dtype)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up -> down, hidden size ⌈(8/3·dim)/256⌉·256 by default, no biases."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        if hidden is None:
+            hidden = 256 * -(-int(dim * 4 * 2 / 3) // 256)
+        self.hidden = hidden
+        self.gate_proj = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random `p` of the samples and scale the
+    kept ones by 1 / (1 - p); the identity in eval mode."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """The usual stochastic-depth schedule: 0 at the first block rising linearly to `rate` at the last."""
+    return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0] * depth
