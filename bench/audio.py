@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import measure_fwd_bwd  # noqa: E402
 
 import ssmkit  # noqa: E402
-from ssmkit.apps.audio import AudioApp, AudioConfig  # noqa: E402
+from ssmkit.apps.application import RunContext  # noqa: E402
+from ssmkit.apps.audio import AudioTrain, application  # noqa: E402
 from ssmkit.apps.runner import Runner  # noqa: E402
 from ssmkit.audio.generate import generate, generation_threads  # noqa: E402
 
@@ -74,7 +75,7 @@ def generation_rows(model, args) -> list[dict]:
 
             _sync(args.device)
             wall, cpu = _timed(lambda: generate(model, batch, args.gen_steps, seed=1, compile=compile),
-                               generation_threads(args.device, batch, model.cfg.d_model))
+                               generation_threads(args.device, batch, model.config.d_model))
             row[f"{name}_samples_per_s"] = batch * args.gen_steps / wall
             row[f"{name}_cpu_samples_per_s"] = batch * args.gen_steps / cpu
         prefix = torch.randint(0, 256, (batch, args.prefix), device=args.device)
@@ -92,10 +93,10 @@ def generation_rows(model, args) -> list[dict]:
     return rows
 
 
-def seconds_per_step(cfg: AudioConfig, steps: int) -> float:
+def seconds_per_step(cfg, steps: int) -> float:
     """Median CPU seconds per torch thread of one AdamW step on random windows (after two warm-up steps)."""
     torch.manual_seed(cfg.seed)
-    model = AudioApp().build_model(cfg)
+    model = application.build_model(RunContext(cfg, {}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, 256, (cfg.batch_size, cfg.window))
     times = []
@@ -111,19 +112,18 @@ def seconds_per_step(cfg: AudioConfig, steps: int) -> float:
 
 def train_in_budget(args) -> dict:
     """Train for the CPU-time budget and return the validation NLL next to the baselines."""
-    sizes = dict(d_model=args.train_d_model, n_layers=args.train_layers, d_state=args.train_d_state,
-                 kernel=args.train_kernel, window=args.train_window, batch_size=args.train_batch, lr=args.train_lr)
-    probe = AudioConfig(data_dir=args.data_dir, **sizes)
+    sizes = dict(model=args.train_model, model_kwargs=args.train_model_kwargs, window=args.train_window,
+                 batch_size=args.train_batch, lr=args.train_lr)
+    probe = AudioTrain(data_dir=args.data_dir, **sizes)
     step_s = seconds_per_step(probe, args.calibrate_steps)
     steps = max(1, int(args.train_minutes * 60 / step_s))
     print(f"training: {step_s:.3f} CPU s per step -> {steps} steps in {args.train_minutes:g} min", flush=True)
-    cfg = AudioConfig(data_dir=args.data_dir, steps=steps, eval_windows=args.eval_windows, warmup_steps=max(1, steps // 20), eval_every=0,
-                      log_every=max(1, steps // 20), checkpoint_every=steps, overwrite=True, out_dir=args.train_runs,
-                      **sizes)
+    cfg = AudioTrain(data_dir=args.data_dir, steps=steps, eval_windows=args.eval_windows,
+                     warmup_steps=max(1, steps // 20), eval_every=0, log_every=max(1, steps // 20),
+                     checkpoint_every=steps, overwrite=True, out_dir=args.train_runs, **sizes)
     cfg.validate()
-    runner = Runner(AudioApp(), cfg)
-    result = runner.train()
-    return {"model": sizes, "parameters": sum(p.numel() for p in runner.model.parameters()),
+    result = Runner(application, cfg).train()
+    return {"model": sizes, "parameters": sum(p.numel() for p in result.model.parameters()),
             "data": args.data_dir or "embedded fixture", "eval_windows": args.eval_windows, "cpu_s_per_step": step_s, "steps": steps,
             "budget_minutes": args.train_minutes, "train_wall_minutes": result.wall_s / 60, **result.metrics}
 
@@ -144,13 +144,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train-minutes", type=float, default=0.0, help="CPU-minute training budget (0: skip)")
     parser.add_argument("--data-dir", default="", help="WAV folder for the budgeted training (empty: the fixture)")
-    parser.add_argument("--train-d-model", type=int, default=AudioConfig.d_model)
-    parser.add_argument("--train-layers", type=int, default=AudioConfig.n_layers)
-    parser.add_argument("--train-d-state", type=int, default=AudioConfig.d_state)
-    parser.add_argument("--train-kernel", default=AudioConfig.kernel, choices=("s4d", "dplr"))
-    parser.add_argument("--train-window", type=int, default=AudioConfig.window)
-    parser.add_argument("--train-batch", type=int, default=AudioConfig.batch_size)
-    parser.add_argument("--train-lr", type=float, default=AudioConfig.lr)
+    defaults = AudioTrain()
+    parser.add_argument("--train-model", default=defaults.model, help="registered model of the budgeted training")
+    parser.add_argument("--train-model-kwargs", default="", help="its size overrides, e.g. 'd_model=32,kernel=\"dplr\"'")
+    parser.add_argument("--train-window", type=int, default=defaults.window)
+    parser.add_argument("--train-batch", type=int, default=defaults.batch_size)
+    parser.add_argument("--train-lr", type=float, default=defaults.lr)
     parser.add_argument("--eval-windows", type=int, default=400, help="validation windows (evenly spaced; 0: all)")
     parser.add_argument("--calibrate-steps", type=int, default=4)
     parser.add_argument("--train-runs", default="runs/bench_audio", help="folder of the budgeted training run")

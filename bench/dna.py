@@ -140,18 +140,20 @@ def _step_seconds(app, cfg, steps: int) -> float:
 
     import torch
 
+    from ssmkit.apps.application import RunContext
     from ssmkit.apps.runner import parameter_groups
 
-    train, _ = app.build_datasets(cfg)
+    spec = app.setup(cfg)
+    train, ctx = spec.train, RunContext(cfg, spec.meta)
     torch.manual_seed(cfg.seed)
-    model = app.build_model(cfg)
+    model = app.build_model(ctx)
     opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     now = lambda: time.process_time() / torch.get_num_threads()  # noqa: E731
     times = []
     for i in range(steps + 1):
         batch = app.collate([train[j] for j in range(i * cfg.batch_size, (i + 1) * cfg.batch_size)])
         t0 = now()
-        app.train_loss(model, batch).backward()
+        app.train_loss(model, batch, ctx).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -166,7 +168,7 @@ def species(args) -> None:
 
     import torch
 
-    from ssmkit.apps.dna import DnaConfig, PretrainApp, PretrainConfig, application
+    from ssmkit.apps.dna import DnaFinetune, DnaPretrain, PretrainApp, application
     from ssmkit.apps.runner import Runner
 
     torch.set_num_threads(args.threads)
@@ -174,12 +176,12 @@ def species(args) -> None:
     common = dict(model="hyenadna_tiny_1k", batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=0,
                   log_every=100, overwrite=True)
 
-    def finetune_cfg(steps: int, init: str, out: str) -> DnaConfig:
-        return DnaConfig(**common, steps=steps, warmup_steps=max(1, steps // 50), checkpoint_every=steps,
+    def finetune_cfg(steps: int, init: str, out: str):
+        return DnaFinetune(**common, steps=steps, warmup_steps=max(1, steps // 50), checkpoint_every=steps,
                          eval_size=args.eval_size, init=init, out_dir=str(runs / out))
 
-    def pretrain_cfg(steps: int) -> PretrainConfig:
-        return PretrainConfig(**common, steps=steps, warmup_steps=max(1, steps // 50), checkpoint_every=steps,
+    def pretrain_cfg(steps: int):
+        return DnaPretrain(**common, steps=steps, warmup_steps=max(1, steps // 50), checkpoint_every=steps,
                               min_len=args.pretrain_len, max_len=args.pretrain_len, out_dir=str(runs / "pretrain"))
 
     budget = args.species_minutes * 60
@@ -200,7 +202,7 @@ def species(args) -> None:
             raise SystemExit(f"--species-arms: unknown arm {arm!r} (scratch, pretrained)")
         steps = max(1, int(ft_budget / ft_step))
         print(f"{arm} arm: {ft_step:.3f} CPU s/step -> {steps} fine-tuning steps", flush=True)
-        result = application.finetune(finetune_cfg(steps, init, arm))
+        result = Runner(application, finetune_cfg(steps, init, arm)).train()
         row.update(finetune_steps=steps, accuracy=result.metrics["accuracy"], mcc=result.metrics["mcc"],
                    f1=result.metrics["f1"], wall_minutes=(time.perf_counter() - start) / 60)
         rows.append(row)

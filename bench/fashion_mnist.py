@@ -28,31 +28,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ssmkit.apps.classify import ClassifyApp, ClassifyConfig, build_classifier, parse_model_kwargs
+from ssmkit.apps.classify import ClassifyTrain, application, build_classifier
+from ssmkit.apps.config import parse_kwargs
+from ssmkit.apps.runner import Runner
 from ssmkit.vision.data import FASHION_MNIST_DIR
 
-MODELS = {  # label -> (model name, depth, extra constructor arguments)
-    "vim_tiny": ("vim_tiny", 24, ""),
-    "vig_tiny": ("vig_tiny", 12, ""),
-    "deit_tiny": ("deit_tiny_patch16_224", 12, "num_heads=3"),
+MODELS = {  # label -> model name (ssmkit classifier or timm model) at its published tiny size
+    "vim_tiny": "vim_tiny",
+    "vig_tiny": "vig_tiny",
+    "deit_tiny": "deit_tiny_patch16_224",
 }
 
 
-def config(args, label: str, steps: int) -> ClassifyConfig:
-    name, depth, extra = MODELS[label]
-    return ClassifyConfig(model=name, depth=depth, model_kwargs=extra, embed_dim=192, img_size=28, patch_size=4,
-                          data="fashion-mnist", hflip=True, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                          warmup_steps=max(1, steps // 20), eval_every=0, eval_size=args.eval_size,
-                          checkpoint_every=max(steps, 1), seed=args.seed, overwrite=True,
-                          out_dir=str(Path(args.runs) / label))
+def config(args, label: str, steps: int):
+    return ClassifyTrain(model=MODELS[label], model_kwargs="patch_size=4", img_size=28, data="fashion-mnist",
+                         hflip=True, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                         warmup_steps=max(1, steps // 20), eval_every=0, eval_size=args.eval_size,
+                         checkpoint_every=max(steps, 1), seed=args.seed, overwrite=True,
+                         out_dir=str(Path(args.runs) / label))
 
 
-def seconds_per_step(cfg: ClassifyConfig, steps: int, clock: str) -> float:
+def seconds_per_step(cfg, steps: int, clock: str) -> float:
     """Median cost of one AdamW step of `cfg.batch_size` random 28x28 images (after two warm-up steps):
     wall seconds, or CPU seconds per torch thread."""
     torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg.model, 10, 1, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth,
-                             **parse_model_kwargs(cfg.model_kwargs))
+    model = build_classifier(cfg.model, 10, 1, cfg.img_size, parse_kwargs(cfg.model_kwargs, "model_kwargs"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(cfg.batch_size, 1, 28, 28), torch.randint(0, 10, (cfg.batch_size,))
     now = time.perf_counter if clock == "wall" else (lambda: time.process_time() / torch.get_num_threads())
@@ -102,10 +102,10 @@ def main() -> None:
         step_s = seconds_per_step(config(args, label, 1), args.calibrate_steps, args.clock)
         steps = max(1, int(args.minutes * 60 / step_s))
         print(f"{label}: {args.batch_size / step_s:.1f} samples/s -> {steps} steps in {args.minutes:g} min", flush=True)
-        app = ClassifyApp()
-        result = app.train(config(args, label, steps))
-        runner = app.last_runner
-        rows.append(dict(model=label, parameters=sum(q.numel() for q in runner.model.parameters()),
+        cfg = config(args, label, steps)
+        cfg.validate()
+        result = Runner(application, cfg).train()
+        rows.append(dict(model=label, parameters=sum(q.numel() for q in result.model.parameters()),
                          samples_per_s=args.batch_size / step_s, steps=steps, batch_size=args.batch_size,
                          train_minutes=result.wall_s / 60, accuracy=result.metrics["accuracy"],
                          nll=result.metrics["nll"]))

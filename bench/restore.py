@@ -75,19 +75,22 @@ def train_for(task: str, minutes: float, seed: int = 0) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from ssmkit.apps.restore import RestoreConfig, application
+    from ssmkit.apps.application import RunContext
+    from ssmkit.apps.restore import RestoreTrain, application, border
 
-    cfg = RestoreConfig(task=task, sigma=25.0, seed=seed, train_size=10**6)
+    model_name = "mair_micro_sr_x2" if task == "sr" else "mair_micro_denoise"
+    cfg = RestoreTrain(task=task, model=model_name, sigma=25.0, seed=seed, train_size=10**6)
     cfg.validate()
     torch.manual_seed(seed)
-    model = application.build_model(cfg)
-    train, evals = application.build_datasets(cfg)
+    spec = application.setup(cfg)
+    train, evals, ctx = spec.train, spec.eval, RunContext(cfg, spec.meta)
+    model = application.build_model(ctx)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
     loader = iter(DataLoader(train, batch_size=cfg.batch_size, shuffle=False, collate_fn=application.collate))
     start, steps = time.perf_counter(), 0
     model.train()
     while time.perf_counter() - start < minutes * 60:
-        loss = application.train_loss(model, next(loader))
+        loss = application.train_loss(model, next(loader), ctx)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -97,13 +100,14 @@ def train_for(task: str, minutes: float, seed: int = 0) -> dict:
     outputs: dict[str, list] = {}
     with torch.no_grad():
         for i in range(len(evals)):
-            for k, v in application.eval_step(model, application.collate([evals[i]])).items():
+            for k, v in application.eval_step(model, application.collate([evals[i]]), ctx).items():
                 outputs.setdefault(k, []).append(v)
-    metrics = application.compute_metrics({k: torch.cat(v) for k, v in outputs.items()})
+    metrics = application.compute_metrics({k: torch.cat(v) for k, v in outputs.items()}, ctx)
     from ssmkit.vision.metrics import metric_name
 
     return dict(task=task, minutes=minutes, steps=steps, wall_s=wall,
-                metric=metric_name("psnr", cfg.border, cfg.y_channel), params=sum(p.numel() for p in model.parameters()), **metrics)
+                metric=metric_name("psnr", border(cfg), cfg.y_channel), params=sum(p.numel() for p in model.parameters()),
+                **metrics)
 
 
 def main() -> None:

@@ -101,16 +101,16 @@ def worker(family: str, impl: str, shape, device: str, repeats: int, threads: in
 def train_benchmark(steps: int, out_dir: str) -> dict:
     """The `ssmkit video` default model and data for `steps` steps: next-frame metrics vs copy-last-frame."""
     from ssmkit.apps.runner import Runner
-    from ssmkit.apps.video import VideoConfig, application
+    from ssmkit.apps.video import VideoTrain, application
 
-    cfg = VideoConfig(out_dir=out_dir, overwrite=True, eval_every=0)
-    if steps:
-        cfg.steps = steps
+    cfg = VideoTrain(out_dir=out_dir, overwrite=True, eval_every=0, **({"steps": steps} if steps else {}))
     cfg.validate()
     run = Runner(application, cfg).train()
+    mc = run.model.config
     return {"steps": run.step, "wall_s": run.wall_s, **run.metrics,
-            "config": {k: getattr(cfg, k) for k in ("frame_size", "seq_len", "n_digits", "digit_size", "d_model",
-                                                     "ssm_size", "n_layers", "batch_size", "lr")}}
+            "config": {**{k: getattr(cfg, k) for k in ("model", "frame_size", "seq_len", "n_digits", "digit_size",
+                                                        "batch_size", "lr")},
+                       **{k: getattr(mc, k) for k in ("d_model", "ssm_size", "n_layers")}}}
 
 
 def main(argv=None) -> None:

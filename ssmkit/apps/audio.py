@@ -220,7 +220,7 @@ class AudioApp(Application):
         gen = sample_clips(gcfg, model, cfg, RunFolder(cfg.out_dir) / "generate")
         m = run.metrics
         n_params = sum(p.numel() for p in model.parameters())
-        mc = model.cfg
+        mc = model.config
         text = (
             f"SaShiMi (`SashimiLM`: three resolutions with x4 poolings, {mc.n_layers} [S4D, feed-forward] "
             f"pair(s) per stage, H={mc.d_model}, N={mc.d_state}; {n_params:,} parameters) trained as an "

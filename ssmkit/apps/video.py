@@ -114,9 +114,9 @@ class VideoApp(Application):
 
     def build_model(self, ctx: RunContext):
         model = build_registered(ctx.cfg)
-        if ctx.cfg.frame_size % 2 ** model.cfg.downsample:
+        if ctx.cfg.frame_size % 2 ** model.config.downsample:
             raise ConfigError(f"frame_size ({ctx.cfg.frame_size}) must be divisible by 2**downsample of "
-                              f"{ctx.cfg.model} (downsample {model.cfg.downsample})")
+                              f"{ctx.cfg.model} (downsample {model.config.downsample})")
         return model
 
     def train_loss(self, model, frames, ctx: RunContext) -> torch.Tensor:
@@ -160,7 +160,7 @@ class VideoApp(Application):
         gen = rollout(gcfg, model, cfg, Path(cfg.out_dir) / "generate")
         m = run.metrics
         n_params = sum(p.numel() for p in model.parameters())
-        mc = model.cfg
+        mc = model.config
         text = (
             f"A ConvS5 next-frame predictor (`ConvS5Predictor`: strided-conv frame encoder to a "
             f"{cfg.frame_size // 2 ** mc.downsample}x{cfg.frame_size // 2 ** mc.downsample}x{mc.d_model} "

@@ -67,8 +67,8 @@ def _check(model: SashimiLM, batch: int, length: int, prime: torch.Tensor | None
         prime = prime.expand(batch, -1)
     if prime.shape[0] != batch or prime.shape[1] > length:
         raise ValueError(f"prime must be (length <= {length}) or ({batch}, length <= {length}), got {tuple(prime.shape)}")
-    if prime.numel() and (prime.min() < 0 or prime.max() >= model.cfg.n_classes):
-        raise ValueError(f"prime tokens must lie in [0, {model.cfg.n_classes})")
+    if prime.numel() and (prime.min() < 0 or prime.max() >= model.config.n_classes):
+        raise ValueError(f"prime tokens must lie in [0, {model.config.n_classes})")
     return prime.to(device=device, dtype=torch.long)
 
 
@@ -167,7 +167,7 @@ def _stage_steps(model: SashimiLM, batch: int, compile: bool) -> list:
     """Level l's stage step for l = 0 .. len(pool) (the last is the centre); with `compile`, compiled
     now (one graph per stage and batch) and kept for later calls while the weights are unchanged."""
     backbone = model.backbone
-    n = len(backbone.cfg.pool)
+    n = len(backbone.config.pool)
 
     def build():
         return [_StageStep(backbone.center if level == n else backbone.up_stages[n - 1 - level],
@@ -200,7 +200,7 @@ def _stage_steps(model: SashimiLM, batch: int, compile: bool) -> list:
 
 def _example_inputs(model: SashimiLM, batch: int, level: int) -> tuple:
     """Zero inputs of level `level`'s stage step with the shapes and strides `Stepper` passes."""
-    cfg, zeros = model.cfg, model.head.weight.new_zeros
+    cfg, zeros = model.config, model.head.weight.new_zeros
     if level == 0:
         inputs = torch.full((batch,), MU_LAW_ZERO, dtype=torch.long, device=model.head.weight.device)
     else:
@@ -219,7 +219,7 @@ class Stepper:
     (reused while the weights stay)."""
 
     def __init__(self, model: SashimiLM, batch: int, compile: bool = False):
-        cfg = model.cfg
+        cfg = model.config
         self.pools, self.threads = cfg.pool, torch.get_num_threads()
         self.stages = _stage_steps(model, batch, compile)
         self.states = [stage.default_state(batch) for stage in self.stages]
@@ -259,7 +259,7 @@ def generate(model: SashimiLM, batch: int, length: int, temperature: float = 1.0
     (batch, P)), the rest sampled one at a time through the recurrence (`Stepper`; `compile`: its stages
     compiled by torch.compile first, which pays off for long or many clips)."""
     prime = _check(model, batch, length, prime)
-    with _threads(generation_threads(prime.device, batch, model.cfg.d_model)), torch.no_grad():
+    with _threads(generation_threads(prime.device, batch, model.config.d_model)), torch.no_grad():
         return _generate(model, batch, length, temperature, top_p, seed, prime, compile)
 
 

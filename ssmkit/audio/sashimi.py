@@ -206,7 +206,7 @@ class Sashimi(nn.Module):
 
     def __init__(self, cfg: SashimiConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         widths = [cfg.d_model]
         for _ in cfg.pool:
             widths.append(widths[-1] * cfg.expand)
@@ -219,13 +219,13 @@ class Sashimi(nn.Module):
     @property
     def total_pool(self) -> int:
         total = 1
-        for p in self.cfg.pool:
+        for p in self.config.pool:
             total *= p
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 3 or x.shape[-1] != self.cfg.d_model or x.shape[1] % self.total_pool:
-            raise ValueError(f"Sashimi expects (batch, length divisible by {self.total_pool}, {self.cfg.d_model}), "
+        if x.ndim != 3 or x.shape[-1] != self.config.d_model or x.shape[1] % self.total_pool:
+            raise ValueError(f"Sashimi expects (batch, length divisible by {self.total_pool}, {self.config.d_model}), "
                              f"got {tuple(x.shape)}")
         skips = [x]
         for pool in self.down:
@@ -294,7 +294,7 @@ class SashimiLM(nn.Module):
     def __init__(self, cfg: SashimiConfig | None = None, **overrides):
         super().__init__()
         cfg = SashimiConfig(**{**asdict(cfg or SashimiConfig()), **overrides})
-        self.cfg = cfg
+        self.config = cfg
         self.embedding = nn.Embedding(cfg.n_classes, cfg.d_model)
         self.backbone = Sashimi(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)

@@ -91,7 +91,7 @@ class ConvS5Predictor(nn.Module):
     def __init__(self, cfg: ConvS5Config | None = None, **overrides):
         super().__init__()
         cfg = ConvS5Config(**{**(vars(cfg) if cfg else {}), **overrides})
-        self.cfg = cfg
+        self.config = cfg
         d, c = cfg.d_model, cfg.in_channels
         widths = [max(8, d // 2 ** (cfg.downsample - i)) for i in range(cfg.downsample)] + [d]
         enc = [nn.Conv2d(c, widths[0], 3, padding=1), nn.GELU()]
@@ -110,10 +110,10 @@ class ConvS5Predictor(nn.Module):
 
     def _check(self, frames, step=False):
         n = 4 if step else 5
-        f = 2 ** self.cfg.downsample
-        if frames.dim() != n or frames.shape[-3] != self.cfg.in_channels or frames.shape[-1] % f or frames.shape[-2] % f:
+        f = 2 ** self.config.downsample
+        if frames.dim() != n or frames.shape[-3] != self.config.in_channels or frames.shape[-1] % f or frames.shape[-2] % f:
             what = "(batch, C, H, W)" if step else "(batch, L, C, H, W)"
-            raise ValueError(f"ConvS5Predictor expects frames {what} with C={self.cfg.in_channels} and H, W "
+            raise ValueError(f"ConvS5Predictor expects frames {what} with C={self.config.in_channels} and H, W "
                              f"divisible by {f}; got {tuple(frames.shape)}")
 
     def _encode(self, frames):  # (n, C, H, W) -> (n, d, h, w)

@@ -92,7 +92,7 @@ def test_official_layout_loads_back_to_the_same_logits(dt_transform, norm, n_ssm
     model = _tiny(norm, n_ssm)
     tokens = torch.randint(0, 256, (2, 32))
     loaded = convert_official_sashimi(_official(model, dt_transform), dt_transform).eval()
-    assert loaded.cfg == model.cfg
+    assert loaded.config == model.config
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=1e-5)
 

@@ -83,7 +83,7 @@ def test_published_sizes_through_the_registry():
     assert sum(p.numel() for p in sc09.parameters()) == 4_764_160  # 4.76M: 8 layers, tied DPLR state, GLU
     assert sum(p.numel() for p in ssmkit.create_model("sashimi_sc09", glu=False).parameters()) == 4_072_448
     small = ssmkit.create_model("sashimi_small")
-    assert small.cfg.kernel == "s4d" and sum(p.numel() for p in small.parameters()) < 500_000
+    assert small.config.kernel == "s4d" and sum(p.numel() for p in small.parameters()) < 500_000
     assert {"sashimi_sc09", "sashimi_small"} <= set(ssmkit.list_models("sashimi_*"))
 
 

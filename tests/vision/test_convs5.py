@@ -78,10 +78,10 @@ def test_shapes_and_registry():
         m(torch.rand(1, 2, 1, 15, 15, dtype=torch.float64))
     assert {"convs5_moving_digits", "convs5_moving_digits_tiny"} <= set(ssmkit.list_models("convs5*"))
     small = ssmkit.create_model("convs5_moving_digits_tiny")
-    assert isinstance(small, ConvS5Predictor) and small.cfg.d_model == 32
+    assert isinstance(small, ConvS5Predictor) and small.config.d_model == 32
     # the published size: d_model 256, 8 layers, P = 128, 64x64 -> 16x16 latent (built lazily: only its config)
     big = ssmkit.create_model("convs5_moving_digits", d_model=16, n_layers=1)
-    assert big.cfg.ssm_size == 128 and big.cfg.downsample == 2
+    assert big.config.ssm_size == 128 and big.config.downsample == 2
 
 
 @pytest.mark.parametrize("selective", [False, True])
