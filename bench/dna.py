@@ -178,11 +178,11 @@ def species(args) -> None:
 
     def finetune_cfg(steps: int, init: str, out: str):
         return DnaFinetune(**common, steps=steps, warmup_steps=max(1, steps // 50), checkpoint_every=steps,
-                         eval_size=args.eval_size, init=init, out_dir=str(runs / out))
+                           eval_size=args.eval_size, init=init, out_dir=str(runs / out))
 
     def pretrain_cfg(steps: int):
         return DnaPretrain(**common, steps=steps, warmup_steps=max(1, steps // 50), checkpoint_every=steps,
-                              min_len=args.pretrain_len, max_len=args.pretrain_len, out_dir=str(runs / "pretrain"))
+                           min_len=args.pretrain_len, max_len=args.pretrain_len, out_dir=str(runs / "pretrain"))
 
     budget = args.species_minutes * 60
     ft_step = _step_seconds(application, finetune_cfg(1, "", "calibrate"), args.calibrate_steps)

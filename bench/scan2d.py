@@ -12,7 +12,7 @@ Two families, each measured in a fresh subprocess (so the CPU peak RSS belongs t
   `convssm_step` frame after frame (the sequential form used for generation, and the oracle).
 
     python bench/scan2d.py                 # CPU-friendly sizes
-    python bench/scan2d.py --full          # the sizes: (8, 192, 56, 56, 16) and (8, 16, 64, 32, 32, 64)
+    python bench/scan2d.py --full          # large sizes: (8, 192, 56, 56, 16) and (8, 16, 64, 32, 32, 64)
     python bench/scan2d.py --device cuda --full
     python bench/scan2d.py --train         # also: a short video-model training run vs copy-last-frame
 
@@ -78,7 +78,7 @@ def _convssm_case(shape, impl, device):
             return layer(u)[0]
     else:
         def fn(u, *params):
-            state, ys = None, []
+            state, ys = layer.init_state(b), []
             for t in range(L):
                 y, state = layer.step(u[:, t], state)
                 ys.append(y)
@@ -109,7 +109,7 @@ def train_benchmark(steps: int, out_dir: str) -> dict:
     mc = run.model.config
     return {"steps": run.step, "wall_s": run.wall_s, **run.metrics,
             "config": {**{k: getattr(cfg, k) for k in ("model", "frame_size", "seq_len", "n_digits", "digit_size",
-                                                        "batch_size", "lr")},
+                                                       "batch_size", "lr")},
                        **{k: getattr(mc, k) for k in ("d_model", "ssm_size", "n_layers")}}}
 
 
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scan2d-shapes", nargs="*", default=None, help="batch,dim,H,W,d_state per shape")
     p.add_argument("--convssm-shapes", nargs="*", default=None, help="batch,frames,channels,H,W,P per shape")
-    p.add_argument("--full", action="store_true", help="the issue's sizes (GBs of memory on CPU)")
+    p.add_argument("--full", action="store_true", help="the large sizes (GBs of memory on CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     p.add_argument("--repeats", type=int, default=7, help="timed repetitions (median reported, min in the JSON)")
     p.add_argument("--threads", type=int, default=1,
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     scan2d = a.scan2d_shapes if a.scan2d_shapes is not None else (SCAN2D_FULL if a.full else SCAN2D_SMALL)
     convssm = a.convssm_shapes if a.convssm_shapes is not None else (CONVSSM_FULL if a.full else CONVSSM_SMALL)
     jobs = [("scan2d", i, s) for s in scan2d for i in SCAN2D_IMPLS] + [("convssm", i, s) for s in convssm
-                                                                        for i in CONVSSM_IMPLS]
+                                                                       for i in CONVSSM_IMPLS]
     rows, skipped = [], []
     for family, impl, shape in jobs:
         dims = [int(v) for v in shape.split(",")]

@@ -7,7 +7,7 @@ CUDA `selective_scan_fn` when it is importable), plus the one-step decode update
 
 Setting (Mamba-1 training call): u, delta, z, B, C in bf16, A = -(1..N) fp32, D and delta_bias fp32,
 softplus on, B/C time-varying with one group. Times are medians of `triton.testing.do_bench`.
-elements = batch * dim * L. Roofline (core.md §7.2): per element the forward must move
+elements = batch * dim * L. Roofline: per element the forward must move
 8 bytes (read u, delta, z; write y, 2 bytes each) and evaluate N exponentials and ~9N FLOPs; forward +
 backward must move 22 bytes (+ read u, delta, z, dy; write du, ddelta, dz) and evaluate >= 2N
 exponentials and ~27N FLOPs. The floor is the largest of bytes / measured copy bandwidth,

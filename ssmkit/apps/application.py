@@ -10,6 +10,9 @@ and reaches every hook through a `RunContext`, never through the application obj
     compute_metrics(outputs, ctx) -> metrics    over the whole eval set
     prepare(cfg)                                 data written once, on rank 0 only (synthetic bags, ...)
 
+`commands()` lists the `ssmkit <application> <command>` subcommands, each a configuration class and a
+function of it.
+
 The runner writes `meta` beside config.toml (run.json); `load_run` rebuilds any trained run from its
 folder with its own configuration, metadata and best-or-final weights, so eval, predict, embed,
 generate and every other command on a run use what that run used unless told otherwise.
@@ -113,15 +116,9 @@ class Application(ABC):
         return default_collate(samples)
 
     def commands(self) -> list[Command]:
-        """The subcommands; extend with `super().commands() + [Command(...)]`."""
-        from ssmkit.apps.runner import Runner, evaluate_run
-
-        return [
-            Command("train", f"train {self.name} (resumable; torchrun for several processes)", self.train_config,
-                    lambda cfg: Runner(self, cfg).train()),
-            Command("eval", f"evaluate a {self.name} run's weights on its eval data (or on other data)",
-                    eval_config(self), lambda cfg: evaluate_run(self, cfg)),
-        ]
+        """The subcommands: most applications start from `ssmkit.apps.runner.train_and_eval(self)` (train
+        and eval through the runner) and add their own."""
+        return []
 
     def demo(self, out_dir: Path, smoke: bool):
         """Train and show this application on its embedded data for `ssmkit demo`, writing its runs under
@@ -197,16 +194,19 @@ def check_same_data(app: Application, run: LoadedRun, spec: RunSpec) -> None:
                            f"with {run.meta.get(key)!r}")
 
 
-def build_registered(cfg, **from_data) -> nn.Module:
+def build_registered(cfg, official_weights: str = "", **from_data) -> nn.Module:
     """The registered model `cfg.model` at its published size, with `--model-kwargs` overrides and the
-    arguments the application takes from the data (`from_data`: classes, input width, ...)."""
-    from ssmkit.registry import create_model
+    arguments the application takes from the data (`from_data`: classes, input width, ...); holding the
+    official checkpoint `official_weights` when given (`ssmkit.load_official`)."""
+    from ssmkit.registry import create_model, load_official
 
     kwargs = parse_kwargs(cfg.model_kwargs, "model_kwargs")
     clash = sorted(set(kwargs) & set(from_data))
     if clash:
         raise ConfigError(f"--model-kwargs sets {', '.join(clash)}, which {cfg.model} takes from the data")
     try:
+        if official_weights:
+            return load_official(cfg.model, official_weights, **from_data, **kwargs)
         return create_model(cfg.model, **from_data, **kwargs)
     except KeyError as e:
         raise ConfigError(f"--model: {e.args[0]}") from None

@@ -28,13 +28,13 @@ from ssmkit.apps.config import (ConfigError, DeviceOptions, EvalOptions, ModelOp
                                 TrainOptions, WeightsOptions, compose, option)
 from ssmkit.apps.report import ReportSection, Table
 from ssmkit.apps.run_folder import RunFolder
-from ssmkit.apps.runner import Runner
-from ssmkit.audio.checkpoints import load_official_sashimi
+from ssmkit.apps.runner import Runner, train_and_eval
 from ssmkit.audio.data import (IGNORE, ClipWindows, decode, encode, load_digits, load_wav_folder, read_wav,
                                split_by_list, split_by_speaker, write_wav)
 from ssmkit.audio.generate import generate as sample_model
 from ssmkit.audio.metrics import BITS_PER_NAT, sequence_bits, unigram_log2
 from ssmkit.audio.plots import save_waveform_figure
+from ssmkit.registry import load_official
 
 __all__ = ["AudioData", "AudioTrain", "AudioGenerate", "AudioScore", "AudioApp", "application", "generate", "score"]
 
@@ -132,8 +132,9 @@ def _one_weights_source(cfg) -> None:
 
 AudioTrain = compose("AudioTrain", RunOptions, SeedOptions, AudioData, WavReading, ModelOptions, TrainOptions,
                      EvalOptions, DeviceOptions, defaults=dict(
-    model="sashimi_small", steps=300, batch_size=8, lr=4e-3, warmup_steps=20, weight_decay=0.0, eval_every=100,
-    log_every=25), doc="`ssmkit audio train`: WAV data, SaShiMi and training (a few CPU minutes on the digits).")
+                         model="sashimi_small", steps=300, batch_size=8, lr=4e-3, warmup_steps=20, weight_decay=0.0,
+                         eval_every=100, log_every=25),
+                     doc="`ssmkit audio train`: WAV data, SaShiMi and training.")
 AudioGenerate = compose("AudioGenerate", RunOptions, WeightsOptions, OfficialWeights, GenerateOptions, SeedOptions,
                         doc="`ssmkit audio generate`: a trained run (or official weights) and what to sample.")
 AudioScore = compose("AudioScore", RunOptions, WeightsOptions, OfficialWeights, ScoreOptions, WavReading, EvalOptions,
@@ -199,7 +200,7 @@ class AudioApp(Application):
                 "unigram_bits": outputs["unigram"].double().sum().item() / count, "uniform_bits": 8.0}
 
     def commands(self) -> list[Command]:
-        return [*super().commands(),
+        return [*train_and_eval(self),
                 Command("generate", "sample clips with the O(1)-per-sample recurrence; writes WAV files, a "
                                     "waveform/spectrogram PNG and samples/s", AudioGenerate, generate),
                 Command("score", "NLL in bits per sample of every WAV file of --score-dir", AudioScore, score)]
@@ -259,7 +260,7 @@ def _model_and_data(cfg):
     _one_weights_source(cfg)
     folder = RunFolder.of(cfg, application.name)
     if cfg.official:
-        return load_official_sashimi(cfg.official, cfg.official_dt).eval(), AudioTrain(), folder
+        return load_official("sashimi", cfg.official, dt_transform=cfg.official_dt).eval(), AudioTrain(), folder
     run = load_run(application, cfg)
     return run.model, run.cfg, run.folder
 

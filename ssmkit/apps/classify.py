@@ -28,7 +28,7 @@ from ssmkit.apps.application import Application, Command, RunContext, RunSpec, l
 from ssmkit.apps.config import (ConfigError, DeviceOptions, EvalOptions, ModelOptions, RunOptions, SeedOptions,
                                 TrainOptions, WeightsOptions, compose, option, parse_kwargs)
 from ssmkit.apps.report import ReportSection, Table
-from ssmkit.apps.runner import Runner
+from ssmkit.apps.runner import Runner, train_and_eval
 from ssmkit.errors import DataError
 
 __all__ = ["ClassifyData", "ClassifyModel", "Augmentation", "ClassifyTrain", "ClassifyPredict", "ClassifyApp",
@@ -232,7 +232,7 @@ class ClassifyApp(Application):
         return out
 
     def commands(self) -> list[Command]:
-        return [*super().commands(),
+        return [*train_and_eval(self),
                 Command("predict", "print the top-k classes of image files with a run's weights", ClassifyPredict,
                         self.predict)]
 

@@ -28,9 +28,9 @@ from typing import Any
 
 from ssmkit.errors import ConfigError
 
-__all__ = ["ConfigError", "option", "compose", "given", "replace", "add_arguments", "build_config", "read_toml", "to_toml",
-           "parse_kwargs", "RunOptions", "SeedOptions", "DeviceOptions", "TrainOptions", "EvalOptions", "WeightsOptions",
-           "ModelOptions"]
+__all__ = ["ConfigError", "option", "compose", "given", "replace", "add_arguments", "build_config", "read_toml",
+           "to_toml", "parse_kwargs", "RunOptions", "SeedOptions", "DeviceOptions", "TrainOptions", "EvalOptions",
+           "WeightsOptions", "ModelOptions"]
 
 _TYPES = (bool, int, float, str)
 

@@ -39,13 +39,13 @@ from ssmkit.apps.config import (ConfigError, DeviceOptions, EvalOptions, ModelOp
                                 TrainOptions, WeightsOptions, compose, option, parse_kwargs)
 from ssmkit.apps.report import ReportSection, Table
 from ssmkit.apps.run_folder import RunFolder, atomic_write
-from ssmkit.apps.runner import Runner
-from ssmkit.errors import CheckpointError, DataError
+from ssmkit.apps.runner import Runner, train_and_eval
+from ssmkit.errors import DataError
 from ssmkit.genomics import data as gdata
-from ssmkit.genomics.checkpoints import load_hyenadna
 from ssmkit.genomics.hyenadna import pool
 from ssmkit.genomics.metrics import classification_metrics, composition_perplexity
 from ssmkit.genomics.tokenizer import BASE_IDS, CharTokenizer
+from ssmkit.registry import load_official
 
 __all__ = ["DnaModel", "DnaReading", "Windows", "FinetuneData", "PretrainData", "DnaFinetune", "DnaPretrain",
            "DnaEmbed", "DnaApp", "PretrainApp", "application"]
@@ -154,33 +154,29 @@ class EmbedOptions:
 _DNA_TRAINING = dict(steps=150, batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.1, eval_every=50,
                      eval_batch_size=32, log_every=25)
 DnaFinetune = compose("DnaFinetune", RunOptions, SeedOptions, FinetuneData, DnaReading, Windows, DnaModel, Pooling,
-                      TrainOptions, EvalOptions, DeviceOptions, defaults=dict(model="hyenadna_tiny_1k", **_DNA_TRAINING),
+                      TrainOptions, EvalOptions, DeviceOptions,
+                      defaults=dict(model="hyenadna_tiny_1k", **_DNA_TRAINING),
                       doc="`ssmkit dna finetune`: HyenaDNA fine-tuning for sequence classification.")
 # pretraining keeps lr 1e-3 (HyenaDNA's recipe: 6e-4 at batch 64-256): from 2e-3 up, small models on the
 # embedded genomes often spike (the implicit filters' gradients) and settle on the base composition alone
 DnaPretrain = compose("DnaPretrain", RunOptions, SeedOptions, PretrainData, DnaReading, Windows, DnaModel,
-                      TrainOptions, EvalOptions, DeviceOptions, defaults=dict(model="hyenadna_tiny_1k", min_len=256, max_len=256, eval_size=128,
-                                             rc_aug=0.0, **_DNA_TRAINING),
+                      TrainOptions, EvalOptions, DeviceOptions, defaults=dict(
+                          model="hyenadna_tiny_1k", min_len=256, max_len=256, eval_size=128, rc_aug=0.0,
+                          **_DNA_TRAINING),
                       doc="`ssmkit dna pretrain`: HyenaDNA next-token pretraining.")
 DnaEmbed = compose("DnaEmbed", RunOptions, WeightsOptions, DnaReading, EmbedOptions,
                    doc="`ssmkit dna embed` / `predict`: a trained run (or official weights) on a FASTA file.")
 
 
 def _build(ctx: RunContext, n_classes: int, pooling: str = "mean") -> nn.Module:
-    """The configured HyenaDNA (LM or classifier), with the backbone of `--init` when given."""
+    """The configured HyenaDNA (LM or classifier), holding the weights of `--init` when given (official or
+    ssmkit; a classifier head of another size starts fresh, and the shift defaults to the checkpoint's)."""
     cfg = ctx.cfg
-    source, shift = None, cfg.modulation_shift
-    if cfg.init:
-        source, info = load_hyenadna(cfg.init)
-        shift = info["shift"] if shift < 0 else shift
-    model = build_registered(cfg, n_classes=n_classes, pooling=pooling, modulation_shift=max(shift, 0.0))
-    if source is not None:
-        try:
-            model.backbone.load_state_dict(source.backbone.state_dict())
-        except RuntimeError as e:
-            raise CheckpointError(f"--init {cfg.init} does not fit {cfg.model} {cfg.model_kwargs}: "
-                                  f"{str(e).splitlines()[-1][:300]}") from None
-    return model
+    if not cfg.init:
+        return build_registered(cfg, n_classes=n_classes, pooling=pooling,
+                                modulation_shift=max(cfg.modulation_shift, 0.0))
+    shift = {} if cfg.modulation_shift < 0 else {"modulation_shift": cfg.modulation_shift}
+    return build_registered(cfg, official_weights=cfg.init, n_classes=n_classes, pooling=pooling, **shift)
 
 
 def _l_max(cfg) -> int:
@@ -238,8 +234,8 @@ def classification_data(cfg, tok: CharTokenizer):
     longest = max(len(seq) for seq, _ in train + test)
     if longest > _l_max(cfg):
         raise DataError(f"--data {cfg.data}: a sequence of {longest} bases is longer than the model's l_max "
-                          f"{_l_max(cfg)}; raise l_max in --model-kwargs (the implicit filters depend on it) or crop "
-                          f"the data")
+                        f"{_l_max(cfg)}; raise l_max in --model-kwargs (the implicit filters depend on it) or crop "
+                        f"the data")
     return (gdata.LabelledSequences(train, tok, cfg.rc_aug, cfg.seed), gdata.LabelledSequences(test, tok), classes,
             f"{len(test)} sequences of {source}")
 
@@ -279,15 +275,12 @@ class DnaApp(Application):
                 "loss": outputs["loss"].double().mean().item()}
 
     def commands(self) -> list[Command]:
-        train, evaluate = super().commands()
         pretrain = PretrainApp()
         return [
             Command("pretrain", "next-token pretraining on FASTA(+BED) windows or the embedded genomes (perplexity)",
                     DnaPretrain, lambda cfg: Runner(pretrain, cfg).train()),
-            Command("finetune", "train a classifier (from scratch, an ssmkit run or official weights: --init); "
-                                "accuracy, MCC, F1", DnaFinetune, train.run),
-            Command("eval", "evaluate a fine-tuned run on its test data (or on other data)", evaluate.config,
-                    evaluate.run),
+            *train_and_eval(self, "finetune", "train a classifier (from scratch, an ssmkit run or official weights: "
+                                              "--init); accuracy, MCC, F1"),
             Command("embed", "pooled features of every FASTA record to .npy or .h5", DnaEmbed, embed),
             Command("predict", "class of every FASTA record from a fine-tuned run (TSV)", DnaEmbed, predict),
         ]
@@ -357,7 +350,7 @@ def _model_and_reading(cfg, app: Application) -> tuple[nn.Module, CharTokenizer,
     its classes (None for an LM or official weights)."""
     folder = RunFolder.of(cfg, app.name)
     if cfg.official:
-        model, _ = load_hyenadna(cfg.official)
+        model = load_official("hyenadna", cfg.official)
         return model.eval(), CharTokenizer(lowercase=cfg.lowercase), folder, None
     run = load_run(app, cfg)
     return run.model, CharTokenizer(lowercase=run.cfg.lowercase), run.folder, run.meta.get("classes")
@@ -416,7 +409,7 @@ def predict(cfg) -> list[dict]:
             rows.append({"record": name, "class": classes[int(prob.argmax())], "probability": float(prob.max())})
     output = Path(cfg.output) if cfg.output else folder / "predictions.tsv"
     text = "record\tclass\tprobability\n" + "".join(f"{r['record']}\t{r['class']}\t{r['probability']:.4f}\n"
-                                                     for r in rows)
+                                                    for r in rows)
     atomic_write(output, lambda tmp: tmp.write_text(text))
     for r in rows[:20]:
         print(f"{r['record']}\t{r['class']}\t{r['probability']:.3f}")

@@ -129,8 +129,9 @@ class HeatmapOptions:
 
 
 MilTrain = compose("MilTrain", RunOptions, SeedOptions, MilData, Folds, ModelOptions, SurvivalLoss, TrainOptions,
-                   EvalOptions, DeviceOptions, defaults=dict(model="mambamil", epochs=10.0, batch_size=1, lr=2e-4, warmup_steps=0,
-                                 weight_decay=1e-5, log_every=50, eval_batch_size=1),
+                   EvalOptions, DeviceOptions, defaults=dict(
+                       model="mambamil", epochs=10.0, batch_size=1, lr=2e-4, warmup_steps=0, weight_decay=1e-5,
+                       log_every=50, eval_batch_size=1),
                    doc="`ssmkit mil train`: bags, folds, model and training (one bag per step).")
 MilExtract = compose("MilExtract", ExtractOptions, doc="`ssmkit mil extract`: slides to CLAM feature bags.")
 MilHeatmap = compose("MilHeatmap", RunOptions, WeightsOptions, HeatmapOptions,

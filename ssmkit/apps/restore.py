@@ -33,9 +33,9 @@ from ssmkit.apps.config import (ConfigError, DeviceOptions, EvalOptions, ModelOp
                                 TrainOptions, WeightsOptions, compose, option, parse_kwargs)
 from ssmkit.apps.report import ReportSection
 from ssmkit.apps.run_folder import RunFolder
-from ssmkit.apps.runner import Runner
+from ssmkit.apps.runner import Runner, train_and_eval
 from ssmkit.errors import DataError
-from ssmkit.vision.mair import MAIR_CONFIGS, load_official_mair
+from ssmkit.vision.mair import MAIR_CONFIGS
 from ssmkit.vision.metrics import metric_name, psnr, ssim
 from ssmkit.vision.plots import save_comparison
 from ssmkit.vision.restoration import (BicubicDown, DegradedDataset, GaussianNoise, PairedFolderDataset,
@@ -135,9 +135,9 @@ class Input:
 
 
 RestoreTrain = compose("RestoreTrain", RunOptions, SeedOptions, RestoreData, Protocol, Tiling, RestoreModel,
-                       RestoreLoss, TrainOptions, EvalOptions, DeviceOptions, defaults=dict(model="mair_micro_sr_x2", steps=150, batch_size=8, lr=2e-3, beta2=0.99,
-                                              weight_decay=0.0, warmup_steps=20, eval_every=0, eval_batch_size=1,
-                                              log_every=25),
+                       RestoreLoss, TrainOptions, EvalOptions, DeviceOptions, defaults=dict(
+                           model="mair_micro_sr_x2", steps=150, batch_size=8, lr=2e-3, beta2=0.99, weight_decay=0.0,
+                           warmup_steps=20, eval_every=0, eval_batch_size=1, log_every=25),
                        doc="`ssmkit restore train`: the task and data, the metrics protocol, MaIR and training.")
 RestoreTest = compose("RestoreTest", RunOptions, WeightsOptions, RestoreData, Protocol, Tiling, RestoreModel, Output,
                       SeedOptions,
@@ -231,10 +231,7 @@ class RestoreApp(Application):
         return RunSpec(train, evals, {"scale": scale}, described)
 
     def build_model(self, ctx: RunContext) -> nn.Module:
-        model = build_registered(ctx.cfg)
-        if ctx.cfg.official_weights:
-            load_official_mair(model, ctx.cfg.official_weights)
-        return model
+        return build_registered(ctx.cfg, official_weights=ctx.cfg.official_weights)
 
     def collate(self, samples: list) -> dict:
         shapes = {tuple(s["gt"].shape) for s in samples}
@@ -259,7 +256,7 @@ class RestoreApp(Application):
                 "psnr_gain": p - bp, "l1": (out - gt).abs().mean((1, 2, 3))}
 
     def commands(self) -> list[Command]:
-        return [*super().commands(),
+        return [*train_and_eval(self),
                 Command("test", "score weights image by image on the run's eval data (or --eval-gt-dir ...): "
                                 "per-image PSNR/SSIM table, outputs written", RestoreTest, test),
                 Command("run", "restore an image or a folder of any size with tiled inference", RestoreRun, run)]
@@ -349,7 +346,7 @@ def test(cfg) -> dict:
         save_png(out, out_folder / f"{item['name']}.png")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim", "baseline_psnr", "baseline_ssim")}
     pname, sname = metric_name("psnr", kw["crop_border"], kw["y_channel"]), metric_name("ssim", kw["crop_border"],
-                                                                                          kw["y_channel"])
+                                                                                        kw["y_channel"])
     base_name = "bicubic" if scale > 1 else "input"
     print(f"restore test on {described}")
     print(f"{'image':<24} {pname:>18} {sname:>18} {pname + ' ' + base_name:>26} {sname + ' ' + base_name:>26}")

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from ssmkit.apps.config import read_toml, to_toml
-from ssmkit.errors import ConfigError, RunError
+from ssmkit.errors import CheckpointError, ConfigError, RunError
 
 __all__ = ["RunFolder", "atomic_write", "load_weights", "save_weights", "CHECKPOINT_FORMAT"]
 
@@ -66,23 +66,24 @@ def save_weights(model: nn.Module, path: Path, **metadata: Any) -> None:
 
 def load_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> dict[str, str]:
     """Load a safetensors file written by ssmkit (or any matching one) into `model`; returns its metadata.
-    A missing file or another model's weights give a RunError naming the file."""
+    A missing file or another model's weights give a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise RunError(f"weights file {path} does not exist")
+        raise CheckpointError(f"weights file {path} does not exist")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for torn or foreign files
-        raise RunError(f"{path} is not a safetensors weights file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path} is not a safetensors weights file ({type(e).__name__}: {e})") from None
     if meta.get("model", type(model).__name__) != type(model).__name__:
-        raise RunError(f"{path} holds weights of {meta.get('ssmkit_app', '?')}/{meta['model']}, "
-                       f"not of {type(model).__name__}")
+        raise CheckpointError(f"{path} holds weights of {meta.get('ssmkit_app', '?')}/{meta['model']}, "
+                              f"not of {type(model).__name__}")
     try:
         load_model(model, str(path), device=str(device))
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
-        raise RunError(f"{path} does not fit this {type(model).__name__}: {' '.join(lines[:3])[:400]}") from None
+        raise CheckpointError(f"{path} does not fit this {type(model).__name__}: "
+                              f"{' '.join(lines[:3])[:400]}") from None
     return meta
 
 
@@ -207,7 +208,7 @@ class RunFolder:
             tmp.mkdir()
             for name, module in weights.items():
                 save_model(module, str(tmp / name), metadata={"model": type(module).__name__,
-                                                               "step": str(state["step"])})
+                                                              "step": str(state["step"])})
             torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp / "state.pt")
             for f in tmp.iterdir():
                 _fsync(f)
@@ -225,12 +226,12 @@ class RunFolder:
 
     @staticmethod
     def read_state(checkpoint: Path) -> dict[str, Any]:
-        """The state.pt of a checkpoint folder, or a RunError saying why it cannot be used."""
+        """The state.pt of a checkpoint folder, or a CheckpointError saying why it cannot be used."""
         try:
             state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:
-            raise RunError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise RunError(f"{checkpoint} is not a checkpoint of this ssmkit version (format "
-                           f"{state.get('format') if isinstance(state, dict) else '?'}, expected {CHECKPOINT_FORMAT})")
+            raise CheckpointError(f"{checkpoint} is not a checkpoint of this ssmkit version (format "
+                                  f"{state.get('format') if isinstance(state, dict) else '?'}, expected {CHECKPOINT_FORMAT})")
         return state

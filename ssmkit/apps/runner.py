@@ -32,14 +32,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
-from ssmkit.apps.application import Application, RunContext, RunSpec, check_same_data, load_run
+from ssmkit.apps.application import (Application, Command, RunContext, RunSpec, check_same_data, eval_config,
+                                     load_run)
 from ssmkit.apps.distributed import Processes
 from ssmkit.apps.report import MetricLog, plot_curves
 from ssmkit.apps.run_folder import RunFolder, load_weights, save_weights
 from ssmkit.errors import RunError
 from ssmkit.util import derive_seed
 
-__all__ = ["Runner", "RunResult", "evaluate_run", "parameter_groups", "warmup_cosine", "EpochBatches",
+__all__ = ["Runner", "RunResult", "evaluate_run", "train_and_eval", "parameter_groups", "warmup_cosine", "EpochBatches",
            "seed_everything"]
 
 # parameters that never get weight decay, by name (SSM dynamics); models may also mark more
@@ -587,3 +588,13 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_and_eval(app: Application, train_name: str = "train", train_help: str = "") -> list[Command]:
+    """The `train` (named `train_name`) and `eval` subcommands of `app`, both through the runner."""
+    return [
+        Command(train_name, train_help or f"train {app.name} (resumable; torchrun for several processes)",
+                app.train_config, lambda cfg: Runner(app, cfg).train()),
+        Command("eval", f"evaluate a {app.name} run's weights on its eval data (or on other data)", eval_config(app),
+                lambda cfg: evaluate_run(app, cfg)),
+    ]

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ssmkit.apps.application import Application, RunContext, RunSpec, build_registered
+from ssmkit.apps.application import Application, Command, RunContext, RunSpec, build_registered
 from ssmkit.apps.config import (ConfigError, DeviceOptions, EvalOptions, ModelOptions, RunOptions, SeedOptions,
                                 TrainOptions, compose, option)
 from ssmkit.apps.report import ReportSection, Table
-from ssmkit.apps.runner import Runner
+from ssmkit.apps.runner import Runner, train_and_eval
 from ssmkit.util import derive_seed
 
 __all__ = ["SeqTask", "SeqTrain", "SelectiveCopy", "SelectiveCopyApp", "application"]
@@ -122,9 +122,12 @@ class SelectiveCopyApp(Application):
         loss = F.cross_entropy(logits.transpose(1, 2), data, reduction="none").mean(1)
         return {"accuracy": correct.float().mean(1), "sequence_accuracy": correct.all(1).float(), "loss": loss}
 
+    def commands(self) -> list[Command]:
+        return train_and_eval(self)
+
     def demo(self, out_dir: Path, smoke: bool) -> ReportSection:
-        sizes = dict(context=16, n_data=2, n_symbols=4, train_size=256, eval_size=64, model_kwargs="d_model=16,n_layer=1",
-                     steps=12, batch_size=16, warmup_steps=2, eval_every=6, log_every=4) if smoke else {}
+        sizes = dict(context=16, n_data=2, n_symbols=4, train_size=256, eval_size=64, steps=12, batch_size=16,
+                     model_kwargs="d_model=16,n_layer=1", warmup_steps=2, eval_every=6, log_every=4) if smoke else {}
         cfg = SeqTrain(out_dir=str(out_dir / self.name), overwrite=True, **sizes)
         cfg.validate()
         runner = Runner(self, cfg)
@@ -139,8 +142,8 @@ class SelectiveCopyApp(Application):
         n_params = sum(p.numel() for p in model.parameters())
         text = (
             f"A {len(model.layers)}-layer `MambaLM` (`{cfg.model}`, d_model {model.embedding.embedding_dim}, "
-            f"d_state {model.layers[0].mixer.d_state}, {n_params:,} parameters) learns the selective-copy task of the Mamba paper: {cfg.n_data} data tokens from an "
-            f"alphabet of {cfg.n_symbols} are scattered at random among {cfg.context} blank positions, followed "
+            f"d_state {model.layers[0].mixer.d_state}, {n_params:,} parameters) learns the selective-copy task "
+            f"of the Mamba paper: {cfg.n_data} data tokens from an alphabet of {cfg.n_symbols} are scattered at random among {cfg.context} blank positions, followed "
             f"by {cfg.n_data} markers; at the i-th marker the model must emit the i-th data token. Finding the "
             f"data among the blanks needs the input-dependent (selective) state update that distinguishes "
             f"Mamba from time-invariant SSMs.\n\n"

@@ -24,7 +24,7 @@ from ssmkit.apps.application import Application, Command, RunContext, RunSpec, b
 from ssmkit.apps.config import (ConfigError, DeviceOptions, EvalOptions, ModelOptions, RunOptions, SeedOptions,
                                 TrainOptions, WeightsOptions, compose, option, replace)
 from ssmkit.apps.report import ReportSection, Table
-from ssmkit.apps.runner import Runner
+from ssmkit.apps.runner import Runner, train_and_eval
 from ssmkit.vision.metrics import frame_ssim, rollout_metrics
 from ssmkit.vision.moving_digits import MovingDigits, load_digit_images
 from ssmkit.vision.plots import save_gif, save_strip
@@ -84,8 +84,9 @@ class RolloutOptions:
 
 
 VideoTrain = compose("VideoTrain", RunOptions, SeedOptions, VideoData, ModelOptions, PixelLoss, TrainOptions,
-                     EvalOptions, DeviceOptions, defaults=dict(model="convs5_moving_digits_tiny", steps=150, batch_size=16, lr=3e-3,
-                                   warmup_steps=10, weight_decay=0.01, eval_every=50, eval_batch_size=32, log_every=25),
+                     EvalOptions, DeviceOptions, defaults=dict(
+                         model="convs5_moving_digits_tiny", steps=150, batch_size=16, lr=3e-3, warmup_steps=10,
+                         weight_decay=0.01, eval_every=50, eval_batch_size=32, log_every=25),
                      doc="`ssmkit video train`: moving digits, the ConvS5 predictor and training.")
 VideoGenerate = compose("VideoGenerate", RunOptions, WeightsOptions, RolloutOptions,
                         doc="`ssmkit video generate`: a trained run and what to roll out.")
@@ -141,7 +142,7 @@ class VideoApp(Application):
         return {k: m[k] for k in self.metrics if k in m}
 
     def commands(self) -> list[Command]:
-        return [*super().commands(),
+        return [*train_and_eval(self),
                 Command("generate", "condition on --context frames, roll out --n-future with O(1) ConvS5 steps; "
                                     "writes a PNG strip, a GIF and rollout metrics", VideoGenerate, generate)]
 

@@ -7,7 +7,7 @@ S4 -> GELU -> Linear(H, 2H) -> GLU; the feed-forward block is Linear(H, 2H) -> G
 Up-pooling shifts the coarse sequence right by one coarse step before spreading it over the fine steps,
 so fine output t only sees fine inputs <= t.
 
-Every module has the same three-method recurrent interface (`setup_step()`, `default_state(batch)`,
+Every module follows the recurrent-step protocol of `ssmkit.core.generation` (`init_state(batch)`,
 `step(x, state) -> (y, state)`), and `step` runs the very functions `forward` runs (one sample at a
 time, the pools buffering), so `SashimiLM.step` costs O(1) per generated sample.
 """
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from ssmkit.core.s4 import S4Conv
 from ssmkit.registry import register_model
 
-__all__ = ["SashimiConfig", "S4Block", "FeedForward", "ScalarNorm", "Residual", "DownPool", "UpPool", "Sashimi",
-           "SashimiLM", "sashimi_sc09", "sashimi_small"]
+__all__ = ["SashimiConfig", "S4Block", "FeedForward", "ScalarNorm", "Residual", "Stage", "DownPool", "UpPool",
+           "Sashimi", "SashimiLM", "sashimi_sc09", "sashimi_small"]
 
 
 @dataclass
@@ -71,11 +71,8 @@ class S4Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._head(self.s4(x.transpose(1, 2)).transpose(1, 2))
 
-    def setup_step(self) -> None:
-        self.s4.setup_step()
-
-    def default_state(self, batch: int):
-        return self.s4.default_state(batch)
+    def init_state(self, batch: int, *, device=None, dtype=None):
+        return self.s4.init_state(batch, device=device, dtype=dtype)
 
     def step(self, x: torch.Tensor, state):
         y, state = self.s4.step(x, state)
@@ -93,10 +90,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def setup_step(self) -> None:
-        pass
-
-    def default_state(self, batch: int):
+    def init_state(self, batch: int, *, device=None, dtype=None):
         return None
 
     def step(self, x: torch.Tensor, state):
@@ -128,15 +122,32 @@ class Residual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layer(self.norm(x))
 
-    def setup_step(self) -> None:
-        self.layer.setup_step()
-
-    def default_state(self, batch: int):
-        return self.layer.default_state(batch)
+    def init_state(self, batch: int, *, device=None, dtype=None):
+        return self.layer.init_state(batch, device=device, dtype=dtype)
 
     def step(self, x: torch.Tensor, state):
         y, state = self.layer.step(self.norm(x), state)
         return x + y, state
+
+
+class Stage(nn.ModuleList):
+    """One resolution's stack of [S4, feed-forward] residual pairs, with a residual around the stack."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for layer in self:
+            y = layer(y)
+        return y + x
+
+    def init_state(self, batch: int, *, device=None, dtype=None) -> list:
+        return [layer.init_state(batch, device=device, dtype=dtype) for layer in self]
+
+    def step(self, x: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        y, new_state = x, []
+        for layer, layer_state in zip(self, state):
+            y, layer_state = layer.step(y, layer_state)
+            new_state.append(layer_state)
+        return y + x, new_state
 
 
 class DownPool(nn.Module):
@@ -151,7 +162,8 @@ class DownPool(nn.Module):
         b, length, h = x.shape
         return self.linear(x.reshape(b, length // self.pool, self.pool * h))
 
-    def default_state(self, batch: int) -> list:
+    def init_state(self, batch: int, *, device=None, dtype=None) -> list:
+        """The buffer of fine inputs, empty."""
         return []
 
     def step(self, x: torch.Tensor, state: list):
@@ -170,16 +182,21 @@ class UpPool(nn.Module):
         self.pool, self.d_out = pool, d_model // expand
         self.linear = nn.Linear(d_model, self.d_out * pool)
 
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """Coarse steps (..., H) -> their `pool` fine outputs (..., pool, H/expand), before the delay."""
+        return self.linear(x).unflatten(-1, (self.pool, self.d_out))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, coarse, _ = x.shape
-        y = self.linear(x)
-        y = F.pad(y[:, :-1], (0, 0, 1, 0))  # shift right by one coarse step: fine 4j.. see coarse j-1
+        # shift right by one coarse step: fine 4j.. see coarse j-1
+        y = F.pad(self.spread(x[:, :-1]), (0, 0, 0, 0, 1, 0))
         return y.reshape(b, coarse * self.pool, self.d_out)
 
-    def default_state(self, batch: int) -> tuple[torch.Tensor, int]:
+    def init_state(self, batch: int, *, device=None, dtype=None) -> tuple[torch.Tensor, int]:
         """A queue of `pool` fine outputs (the zeros of the left pad) and the read position."""
-        return torch.zeros(batch, self.pool, self.d_out, device=self.linear.weight.device,
-                           dtype=self.linear.weight.dtype), 0
+        weight = self.linear.weight
+        return torch.zeros(batch, self.pool, self.d_out, device=weight.device if device is None else device,
+                           dtype=weight.dtype if dtype is None else dtype), 0
 
     def step(self, x: torch.Tensor | None, state):
         """Pop the next fine output; when the queue is used up, refill it from the new coarse step x."""
@@ -189,16 +206,16 @@ class UpPool(nn.Module):
         if x is not None:
             if position != self.pool:
                 raise RuntimeError("UpPool.step got a coarse input before its queue was used up")
-            queue, position = self.linear(x).reshape(x.shape[0], self.pool, self.d_out), 0
+            queue, position = self.spread(x), 0
         return out, (queue, position)
 
 
-def _stage(d_model: int, cfg: SashimiConfig) -> nn.ModuleList:
+def _stage(d_model: int, cfg: SashimiConfig) -> Stage:
     layers = []
     for _ in range(cfg.n_layers):
         layers += [Residual(d_model, S4Block(d_model, cfg), cfg.norm),
                    Residual(d_model, FeedForward(d_model, cfg), cfg.norm)]
-    return nn.ModuleList(layers)
+    return Stage(layers)
 
 
 class Sashimi(nn.Module):
@@ -231,34 +248,23 @@ class Sashimi(nn.Module):
         for pool in self.down:
             x = pool(x)
             skips.append(x)
-        for layer in self.center:
-            x = layer(x)
-        x = x + skips.pop()
+        x = self.center(skips.pop())
         for pool, stage in zip(self.up, self.up_stages):
-            x = pool(x) + skips.pop()
-            stage_input = x
-            for layer in stage:
-                x = layer(x)
-            x = x + stage_input
+            x = stage(pool(x) + skips.pop())
         return self.norm(x)
 
-    def _layers(self):
-        return [*self.center, *(layer for stage in self.up_stages for layer in stage)]
-
-    def setup_step(self) -> None:
-        """Cache the recurrent matrices of every S4 layer (after training, before stepping)."""
-        for layer in self._layers():
-            layer.setup_step()
-
-    def default_state(self, batch: int) -> dict:
-        return {"down": [p.default_state(batch) for p in self.down],
-                "up": [p.default_state(batch) for p in self.up],
-                "layers": [layer.default_state(batch) for layer in self._layers()]}
+    def init_state(self, batch: int, *, device=None, dtype=None) -> dict:
+        """Per level: the down-pool's buffer, the up-pool's queue and the stages' states."""
+        kw = dict(device=device, dtype=dtype)
+        return {"down": [p.init_state(batch, **kw) for p in self.down],
+                "up": [p.init_state(batch, **kw) for p in self.up],
+                "center": self.center.init_state(batch, **kw),
+                "up_stages": [stage.init_state(batch, **kw) for stage in self.up_stages]}
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """One fine step x (batch, H) -> (batch, H). Coarse levels run only on the steps where their
         down-pool completes a group; the up-pools replay their queues in between."""
-        down, up, layer_states = list(state["down"]), list(state["up"]), list(state["layers"])
+        down, up, center, up_stages = list(state["down"]), list(state["up"]), state["center"], list(state["up_stages"])
         skips = [x]
         for i, pool in enumerate(self.down):
             x, down[i] = pool.step(x, down[i])
@@ -266,25 +272,16 @@ class Sashimi(nn.Module):
                 break
             skips.append(x)
         reached = len(skips) - 1  # deepest level computed at this step
-        n_levels, n_center = len(self.down), len(self.center)
-
-        def run(layers, offset, y):
-            for j, layer in enumerate(layers):
-                y, layer_states[offset + j] = layer.step(y, layer_states[offset + j])
-            return y
-
+        n_levels = len(self.down)
         y = None
         if reached == n_levels:
-            y = run(self.center, 0, skips[-1]) + skips[-1]
-        offset = n_center
+            y, center = self.center.step(skips[-1], center)
         for k, (pool, stage) in enumerate(zip(self.up, self.up_stages)):
             level = n_levels - 1 - k  # the level this up-pool outputs
             if level <= reached:
                 out, up[k] = pool.step(y, up[k])
-                stage_input = out + skips[level]
-                y = run(stage, offset, stage_input) + stage_input
-            offset += len(stage)
-        return self.norm(y), {"down": down, "up": up, "layers": layer_states}
+                y, up_stages[k] = stage.step(out + skips[level], up_stages[k])
+        return self.norm(y), {"down": down, "up": up, "center": center, "up_stages": up_stages}
 
 
 class SashimiLM(nn.Module):
@@ -303,11 +300,8 @@ class SashimiLM(nn.Module):
         """tokens (batch, L) int -> logits (batch, L, n_classes)."""
         return self.head(self.backbone(self.embedding(tokens)))
 
-    def setup_step(self) -> None:
-        self.backbone.setup_step()
-
-    def default_state(self, batch: int) -> dict:
-        return self.backbone.default_state(batch)
+    def init_state(self, batch: int, *, device=None, dtype=None) -> dict:
+        return self.backbone.init_state(batch, device=device, dtype=dtype)
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """tokens (batch,) -> (logits (batch, n_classes), state)."""

@@ -23,37 +23,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssmkit.core.scan import linear_scan
+from ssmkit.util import shape_error
 
 __all__ = ["convssm_scan", "convssm_step", "hippo_n_init", "ConvS5Layer"]
-
-
-def _fail(name, got, expected):
-    got = tuple(got.shape) if isinstance(got, torch.Tensor) else got
-    raise ValueError(f"convssm: {name} has shape {got}; expected {expected}")
 
 
 def _check(u, Lambda, B_kernel, C_kernel, log_step, D_kernel, state, step):
     """Check shapes for a sequence (u: (batch, L, U, H, W)) or one step (u: (batch, U, H, W))."""
     lead = u.shape[:2] if not step else u.shape[:1]
     if u.dim() != (4 if step else 5) or u.is_complex() or not u.is_floating_point():
-        _fail("u", u, "real (batch, U, H, W)" if step else "real (batch, L, U, H, W)")
+        raise shape_error("convssm", "u", u, "real (batch, U, H, W)" if step else "real (batch, L, U, H, W)")
     U, H, W = u.shape[-3:]
     if Lambda.dim() != 1 or not Lambda.is_complex():
-        _fail("Lambda", Lambda, "complex (P,)")
+        raise shape_error("convssm", "Lambda", Lambda, "complex (P,)")
     P = Lambda.shape[0]
     for name, K, shape in (("B_kernel", B_kernel, (P, U)), ("C_kernel", C_kernel, (None, P))):
         if K.dim() != 4 or not K.is_complex() or K.shape[2] != K.shape[3] or K.shape[2] % 2 == 0 \
                 or K.shape[1] != shape[1] or (shape[0] is not None and K.shape[0] != shape[0]):
-            _fail(name, K, f"complex ({shape[0] or 'U_out'}, {shape[1]}, k, k) with k odd")
+            raise shape_error("convssm", name, K, f"complex ({shape[0] or 'U_out'}, {shape[1]}, k, k) with k odd")
     U_out = C_kernel.shape[0]
     if D_kernel is not None and (D_kernel.dim() != 4 or D_kernel.shape[:2] != (U_out, U)
                                  or D_kernel.shape[2] != D_kernel.shape[3] or D_kernel.shape[2] % 2 == 0):
-        _fail("D_kernel", D_kernel, f"real ({U_out}, {U}, k, k) with k odd")
+        raise shape_error("convssm", "D_kernel", D_kernel, f"real ({U_out}, {U}, k, k) with k odd")
     full = (*lead, P, H, W)
     if log_step.shape != (P,) and log_step.shape != full:
-        _fail("log_step", log_step, f"(P,) = ({P},), or selective {full}")
+        raise shape_error("convssm", "log_step", log_step, f"(P,) = ({P},), or selective {full}")
     if state is not None and state.shape != (lead[0], P, H, W):
-        _fail("initial_state" if not step else "state", state, f"complex ({lead[0]}, {P}, {H}, {W})")
+        raise shape_error("convssm",
+                          "initial_state" if not step else "state", state, f"complex ({lead[0]}, {P}, {H}, {W})")
 
 
 def _conv_in(u, B_kernel):
@@ -140,7 +137,8 @@ def hippo_n_init(P):
 
 
 class ConvS5Layer(nn.Module):
-    """ConvS5 parameters and both forms: `forward` (parallel over time) and `step` (one frame).
+    """ConvS5 parameters and both forms: `forward` (parallel over time) and `init_state` / `step` (one
+    frame, the protocol of `ssmkit.core.generation`).
 
     Λ = Re + i·Im with Re clamped to ≤ -1e-4 (ConvS5's clip_eigs), HiPPO-N initialised;
     B̃ = V⁻¹·B and C̃ = C·V with B, C He-normal real kernels; log_step ~ U[ln dt_min, ln dt_max] per
@@ -182,16 +180,31 @@ class ConvS5Layer(nn.Module):
         return self.log_step[:, None, None] + s
 
     def forward(self, u, initial_state=None):
-        """u (batch, L, U, H, W) -> (y (batch, L, U, H, W), last_state (batch, P, H, W) complex)."""
+        """u (batch, L, U, H, W) -> (y (batch, L, U, H, W), last_state (batch, P, H, W) complex);
+        initial_state: a state of `step` or `init_state` (None: zeros)."""
         if u.dim() != 5:
-            _fail("u", u, "(batch, L, U, H, W)")
-        return convssm_scan(u, *self._params(), self._log_step(u), self.D, initial_state)
+            raise shape_error("convssm", "u", u, "(batch, L, U, H, W)")
+        return convssm_scan(u, *self._params(), self._log_step(u), self.D, _over_frame(initial_state, u))
 
-    def step(self, u_t, state=None):
-        """One frame u_t (batch, U, H, W); state None starts from zeros. Returns (y_t, state)."""
+    def init_state(self, batch: int, *, device=None, dtype=None) -> torch.Tensor:
+        """The zero state, (batch, P, 1, 1) complex, which spreads over the feature map of any frame: complex128
+        for a float64 `dtype` (default: the layer's), else complex64."""
+        real = self.log_step.dtype if dtype is None else dtype
+        device = self.log_step.device if device is None else device
+        return torch.zeros(batch, self.log_step.shape[0], 1, 1, device=device,
+                           dtype=torch.complex128 if real == torch.float64 else torch.complex64)
+
+    def step(self, u_t, state):
+        """One frame u_t (batch, U, H, W) -> (y_t, new state (batch, P, H, W) complex); the given state
+        is not modified."""
         if u_t.dim() != 4:
-            _fail("u_t", u_t, "(batch, U, H, W)")
-        if state is None:
-            state = torch.zeros(u_t.shape[0], self.log_step.shape[0], *u_t.shape[-2:],
-                                dtype=_complex_dtype(u_t), device=u_t.device)
-        return convssm_step(state, u_t, *self._params(), self._log_step(u_t), self.D)
+            raise shape_error("convssm", "u_t", u_t, "(batch, U, H, W)")
+        return convssm_step(_over_frame(state, u_t), u_t, *self._params(), self._log_step(u_t), self.D)
+
+
+def _over_frame(state, u):
+    """`state` over the feature map of frames u (..., H, W): the (batch, P, 1, 1) zero state of
+    `ConvS5Layer.init_state` spreads to (batch, P, H, W); other states are passed on as they are."""
+    if state is None or state.dim() != 4 or state.shape[-2:] != (1, 1):
+        return state
+    return state.expand(-1, -1, *u.shape[-2:])

@@ -4,8 +4,10 @@
 loads unchanged. With `branch_order` it gains a second set of direction parameters under Vision Mamba's
 names (`conv1d_b`, `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`) that scans the sequence in another order:
 `"flip"` gives Vim's "bimamba v2" mixer, `StridedOrder(R)` gives MambaMIL's SR-Mamba mixer, and the
-vision package passes its own 2-D scan orders as `SequenceOrder` subclasses. All the math goes through
-`ssmkit.core.scan` (`selective_scan` for sequences, `selective_state_update` for one-step generation).
+vision package passes its own 2-D scan orders as `SequenceOrder` subclasses, per call when the order
+depends on the input (`forward(x, branch_order=...)`). All the math goes through `ssmkit.core.scan`
+(`selective_scan` for sequences, `selective_state_update` for one-step generation). The causal modules
+follow the recurrent-step protocol of `ssmkit.core.generation` (`init_state`, `step`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ __all__ = [
     "FlipOrder",
     "causal_conv1d",
     "StridedOrder",
-    "MambaCache",
+    "MambaState",
     "Mamba",
     "add_ssm_parameters",
     "MambaBlock",
@@ -123,6 +125,15 @@ class StridedOrder(SequenceOrder):
         return f"StridedOrder(rate={self.rate})"
 
 
+def _sequence_order(order: SequenceOrder | str) -> SequenceOrder:
+    """`"flip"` or a `SequenceOrder` as a `SequenceOrder`."""
+    if order == "flip":
+        return FlipOrder()
+    if not isinstance(order, SequenceOrder):
+        raise ValueError(f"branch_order must be None, 'flip' or a SequenceOrder, got {order!r}")
+    return order
+
+
 # ----------------------------------------------------------------------------------------------------
 # The mixer
 
@@ -149,8 +160,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 @dataclass
-class MambaCache:
-    """Generation state of one `Mamba` mixer: the last `d_conv` conv inputs and the SSM state."""
+class MambaState:
+    """Recurrent state of one `Mamba` mixer: the last `d_conv` conv inputs and the SSM state."""
 
     conv_state: torch.Tensor  # (batch, d_inner, d_conv)
     ssm_state: torch.Tensor  # (batch, d_inner, d_state), float32 (float64 for fp64 models)
@@ -202,7 +213,8 @@ class Mamba(nn.Module):
     conv/x_proj/dt_proj/A/D (`*_b` names) that runs over the reordered x and z (zero padded where the
     order asks for padding); its output, put back in sequence order, is added to the first branch's
     before `out_proj`, halved when `divide_out` (Vision Mamba's `if_divide_out`, on in its released
-    models; MambaMIL's SR/Bi mixers use the plain sum, `divide_out=False`).
+    models; MambaMIL's SR/Bi mixers use the plain sum, `divide_out=False`). The order given here is the
+    default; `forward(x, branch_order=...)` scans one call in another (e.g. the patch grid of this input).
     """
 
     def __init__(
@@ -236,11 +248,7 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
-        if branch_order == "flip":
-            branch_order = FlipOrder()
-        if branch_order is not None and not isinstance(branch_order, SequenceOrder):
-            raise ValueError(f"branch_order must be None, 'flip' or a SequenceOrder, got {branch_order!r}")
-        self.branch_order = branch_order
+        self.branch_order = None if branch_order is None else _sequence_order(branch_order)
         self.divide_out = divide_out
         self.backend = backend
         self.layer_idx = layer_idx
@@ -274,14 +282,21 @@ class Mamba(nn.Module):
             backend=self.backend,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, branch_order: SequenceOrder | str | None = None) -> torch.Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model); `branch_order` (`"flip"` or a `SequenceOrder`)
+        scans the second branch in that order for this call instead of the constructor's."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"Mamba expects input of shape (batch, length, {self.d_model}), got {tuple(x.shape)}"
             )
+        order = self.branch_order
+        if branch_order is not None:
+            if order is None:
+                raise ValueError(f"Mamba.forward got branch_order={branch_order!r}, but this mixer has no second "
+                                 "branch (construct it with branch_order=...)")
+            order = _sequence_order(branch_order)
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)
         y = self._scan_direction(xs, z, _FWD)
-        order = self.branch_order
         if isinstance(order, FlipOrder):  # no reordering needed: the flipped direction is a reverse scan
             y = y + self._scan_direction(xs, z, _BWD, reverse=True)
         elif order is not None:
@@ -290,32 +305,37 @@ class Mamba(nn.Module):
             y = y * 0.5
         return self.out_proj(y.transpose(1, 2))
 
-    def allocate_cache(self, batch: int, dtype=None, device=None) -> MambaCache:
-        """Empty generation state. The conv state takes `dtype` (default: the conv weight's dtype); the
-        SSM state is fp32, or fp64 for an fp64 model, so that `step` matches `forward` in either."""
+    def _check_causal(self) -> None:
+        if self.branch_order is not None:
+            raise RuntimeError(
+                f"Mamba has no recurrent step: its second branch scans in {self.branch_order!r} order and "
+                "sees later tokens; run forward() on the whole sequence instead"
+            )
+
+    def init_state(self, batch: int, *, device=None, dtype=None) -> MambaState:
+        """The zero state. The conv state takes `dtype` (default: the conv weight's dtype); the SSM state
+        is fp32, or fp64 for an fp64 model, so that `step` matches `forward` in either."""
+        self._check_causal()
         weight = self.conv1d.weight
         device = weight.device if device is None else device
-        return MambaCache(
+        return MambaState(
             conv_state=torch.zeros(batch, self.d_inner, self.d_conv, device=device,
                                    dtype=weight.dtype if dtype is None else dtype),
             ssm_state=torch.zeros(batch, self.d_inner, self.d_state, device=device,
                                   dtype=torch.promote_types(self.dt_proj.weight.dtype, torch.float32)),
         )
 
-    def step(self, x_t: torch.Tensor, cache: MambaCache) -> torch.Tensor:
-        """Process one token x_t (batch, d_model) or (batch, 1, d_model), updating `cache` in place."""
-        if self.branch_order is not None:
-            raise RuntimeError(
-                f"Mamba.step needs a causal mixer, but the second branch scans in {self.branch_order!r} "
-                "order and sees later tokens; run forward() on the whole sequence instead"
-            )
+    def step(self, x_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """One token x_t (batch, d_model) or (batch, 1, d_model) -> (y of the same shape, state). Both
+        tensors of `state` are updated in place (as mamba_ssm's decode step does) and `state` is returned."""
+        self._check_causal()
         if not (x_t.dim() == 2 or (x_t.dim() == 3 and x_t.shape[1] == 1)) or x_t.shape[-1] != self.d_model:
             raise ValueError(
                 f"Mamba.step expects one token of shape (batch, {self.d_model}) or "
                 f"(batch, 1, {self.d_model}), got {tuple(x_t.shape)}"
             )
         x, z = self.in_proj(x_t.reshape(x_t.shape[0], self.d_model)).chunk(2, dim=-1)
-        conv_state = cache.conv_state
+        conv_state = state.conv_state
         conv_state.copy_(conv_state.roll(-1, dims=-1))
         conv_state[:, :, -1] = x
         x = (conv_state * self.conv1d.weight.squeeze(1)).sum(-1)
@@ -324,10 +344,10 @@ class Mamba(nn.Module):
         x = F.silu(x).to(z.dtype)
         dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = selective_state_update(
-            cache.ssm_state, x, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), b, c,
+            state.ssm_state, x, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), b, c,
             D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True, backend=self.backend,
         )
-        return self.out_proj(y).reshape(x_t.shape)
+        return self.out_proj(y).reshape(x_t.shape), state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,14 +396,23 @@ class MambaBlock(nn.Module):
             residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
         return normed, residual
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
+                branch_order: SequenceOrder | str | None = None):
+        """`branch_order` goes to the mixer: its second branch's order for this call."""
         normed, residual = self._add_norm(hidden, residual)
-        return self.mixer(normed), residual
+        mixed = self.mixer(normed) if branch_order is None else self.mixer(normed, branch_order=branch_order)
+        return mixed, residual
 
-    def step(self, hidden_t: torch.Tensor, residual_t: torch.Tensor | None, cache: MambaCache):
-        """One token of `forward`: (batch, d_model) tensors, `cache` from `mixer.allocate_cache`."""
-        normed, residual = self._add_norm(hidden_t, residual_t)
-        return self.mixer.step(normed, cache), residual
+    def init_state(self, batch: int, *, device=None, dtype=None):
+        """The mixer's zero state."""
+        return self.mixer.init_state(batch, device=device, dtype=dtype)
+
+    def step(self, x, state):
+        """One token of `forward`: x and y are (hidden, residual) pairs of (batch, d_model) tensors, as
+        forward takes and returns them (residual None before the first block)."""
+        normed, residual = self._add_norm(*x)
+        mixed, state = self.mixer.step(normed, state)
+        return (mixed, residual), state
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
@@ -453,20 +482,22 @@ class MambaLM(nn.Module):
             hidden, residual = layer(hidden, residual)
         return self._head(hidden, residual)
 
-    def allocate_cache(self, batch: int, dtype=None, device=None) -> list[MambaCache]:
-        """One `MambaCache` per layer."""
-        return [layer.mixer.allocate_cache(batch, dtype=dtype, device=device) for layer in self.layers]
+    def init_state(self, batch: int, *, device=None, dtype=None) -> list[MambaState]:
+        """One zero `MambaState` per layer."""
+        return [layer.init_state(batch, device=device, dtype=dtype) for layer in self.layers]
 
-    def step(self, token_ids: torch.Tensor, caches: list[MambaCache]) -> torch.Tensor:
-        """token_ids (batch,) -> next-token logits (batch, vocab_size); updates `caches` in place."""
+    def step(self, token_ids: torch.Tensor, state: list[MambaState]) -> tuple[torch.Tensor, list[MambaState]]:
+        """token_ids (batch,) -> (next-token logits (batch, vocab_size), state); the layers' states are
+        updated in place (see `Mamba.step`). `ssmkit.core.generation.sample(lm, prompt, length)` samples."""
         if token_ids.dim() != 1:
             raise ValueError(
                 f"MambaLM.step expects token_ids of shape (batch,), got {tuple(token_ids.shape)}"
             )
-        hidden, residual = self.embedding(token_ids), None
-        for layer, cache in zip(self.layers, caches):
-            hidden, residual = layer.step(hidden, residual, cache)
-        return self._head(hidden, residual)
+        streams, new_state = (self.embedding(token_ids), None), []
+        for layer, layer_state in zip(self.layers, state):
+            streams, layer_state = layer.step(streams, layer_state)
+            new_state.append(layer_state)
+        return self._head(*streams), new_state
 
 
 @register_model

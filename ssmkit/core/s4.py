@@ -5,7 +5,8 @@ A layer maps each of H channels u (length L) through the discretised system
 whose complex state x holds the N/2 stored modes (S4D: the conjugate half of the N-dimensional real state
 is implied by the 2·Re) or all N modes (S4's DPLR, whose rank-1 term couples a mode with its conjugate). Training uses the convolution y = K * u + D u with the kernel K_l = 2·Re(C Āˡ B̄) of length
 L = input length (never truncated, so convolution and recurrence are the same function); generation
-uses `setup_step` / `default_state` / `step`, which apply the same Ā, B̄, C one sample at a time.
+uses `init_state` / `step` (the protocol of `ssmkit.core.generation`), which apply the same Ā, B̄, C one
+sample at a time, in real arithmetic over the N/2 stored modes for both kernels.
 
 Kernels (both share dt, C and D; `n_ssm` copies of the state matrix and B are shared over channels):
 - `S4DKernel` (diagonal, the default): Λ with Re Λ = −exp(·) < 0, 'lin' or 'inv' initialisation
@@ -22,6 +23,7 @@ dt is initialised log-uniformly in [dt_min, dt_max] as in the papers.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -29,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ssmkit.core.fftconv import fft_causal_conv
 
-__all__ = ["S4DKernel", "DPLRKernel", "S4Conv", "kernel_reference", "hippo_legs_nplr"]
+__all__ = ["S4DKernel", "DPLRKernel", "S4Conv", "S4State", "S4StepCoefficients", "kernel_reference",
+           "hippo_legs_nplr"]
 
 
 def _ssm_parameter(value: torch.Tensor) -> nn.Parameter:
@@ -204,24 +207,18 @@ class DPLRKernel(_KernelBase):
         dB = torch.linalg.solve(left, dt[..., 0] * self._expand(self.modes()[2]))
         return dA, dB, self.output()
 
-    def step_factors(self) -> tuple[torch.Tensor, ...]:
-        """Per-channel factors of the O(N) bilinear step (the S4 code's "linear" step mode): x' = M⁻¹((I +
-        Δ/2·A) x + Δ·B·u) with M = I − Δ/2·A = E + Δ/2·P Pᴴ, E diagonal, inverted by the Woodbury identity,
-        so Ā is never formed. Returns (Λ, P, Δ/2, E⁻¹, Δ/2·E⁻¹P, 1 + Δ/2·Pᴴ E⁻¹ P, Δ·B) of the full state,
-        each (H, N) or (H, 1)."""
-        lam, p, b = (self._expand(t) for t in self.modes())
-        dt = self.dt().to(lam.dtype)[:, None]
-        half = dt / 2
-        e_inv = 1 / (1 - half * lam)
-        denom = 1 + (half * p.conj() * e_inv * p).sum(-1, keepdim=True)
-        return lam, p, half, e_inv, half * e_inv * p, denom, dt * b
-
     def recurrence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(d, u, v, B̄), each (H, N), with Ā = diag(d) − u vᵀ: the bilinear Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A)
-        equals 2M⁻¹ − I with M = I − Δ/2·A = E + Δ/2·P Pᴴ, and Woodbury makes M⁻¹ diagonal plus rank one.
-        A fixed-size form of the step (no data-dependent division) that generation folds into real matrices."""
-        lam, p, half, e_inv, q, denom, dtB = self.step_factors()
+        equals 2M⁻¹ − I with M = I − Δ/2·A = E + Δ/2·P Pᴴ, E diagonal, and the Woodbury identity makes M⁻¹
+        = E⁻¹ − (Δ/2·E⁻¹P)(Pᴴ E⁻¹) / (1 + Δ/2·Pᴴ E⁻¹ P) diagonal plus rank one, so Ā is never formed.
+        A fixed-size form of the step (no data-dependent division) that `S4Conv.step` folds into real vectors."""
+        lam, p, b = (self._expand(t) for t in self.modes())
+        dt = self.dt().to(lam.dtype)[:, None]
+        e_inv = 1 / (1 - dt / 2 * lam)
+        q = dt / 2 * e_inv * p
         v = p.conj() * e_inv
+        denom = 1 + (p.conj() * q).sum(-1, keepdim=True)  # 1 + Δ/2·Pᴴ E⁻¹ P
+        dtB = dt * b
         dB = e_inv * dtB - q * (v * dtB).sum(-1, keepdim=True) / denom
         return 2 * e_inv - 1, 2 * q / denom, v, dB
 
@@ -264,11 +261,41 @@ def kernel_reference(kernel: S4DKernel | DPLRKernel, length: int) -> torch.Tenso
     return torch.stack(out, -1)
 
 
+class S4StepCoefficients(NamedTuple):
+    """What `S4Conv.step` needs from the parameters, real, per channel: `read` (H, 1 or 2, 2, n) the rows
+    read from the state, `same`/`swap` (H, 2, n) the rotation-scaling by Ā's diagonal, `b_bar` (H, 2, n),
+    `low_rank` (H, 2, n) the rank-1 term (None for S4D), `direct` (H,) the input's direct path."""
+
+    read: torch.Tensor
+    same: torch.Tensor
+    swap: torch.Tensor
+    b_bar: torch.Tensor
+    low_rank: torch.Tensor | None
+    direct: torch.Tensor
+
+
+class S4State(NamedTuple):
+    """`S4Conv`'s recurrent state: x (batch, H, 2, n) = [Re; Im] of the n = N/2 stored modes, and the step
+    coefficients of the weights it was started with."""
+
+    x: torch.Tensor
+    coefficients: S4StepCoefficients
+
+
 class S4Conv(nn.Module):
     """One S4/S4D layer over (batch, H, L): y = K * u + D u (convolution), or the same by recurrence.
 
     kernel: 's4d' (diagonal) or 'dplr' (S4 with the Hurwitz DPLR state matrix); other keyword
     arguments go to the kernel class.
+
+    The recurrence runs in real arithmetic on the N/2 stored modes. For S4D those are the whole state (the
+    conjugates are implied by y = 2·Re(C x)). S4's DPLR step runs on the full state [x, x̄], whose rank-1
+    term Ā = diag(d) − u vᵀ couples the halves; every vector of `recurrence()` is conjugate-symmetric
+    ([z, z̄]), so for real inputs the state stays [x, x̄] and the half x is enough: vᵀ[x, x̄] = 2·Re(v_h x)
+    =: s is real, x' = d_h x − u_h s + B̄_h u_t, y = 2·Re(C x') + D u_t. A step is r = read · x (s, and the
+    output's state term), then x' = d ⊙ x (a 2x2 rotation-scaling per mode) + s·(−u_h) + u_t·B̄_h: products
+    and sums over the state, no batched matmul (tiny bmm calls cost far more than their arithmetic), which
+    torch.compile fuses into one update.
     """
 
     def __init__(self, d_model: int, d_state: int = 64, kernel: str = "s4d", **kernel_args):
@@ -280,7 +307,6 @@ class S4Conv(nn.Module):
         else:
             raise ValueError(f"kernel must be 's4d' or 'dplr', got {kernel!r}")
         self.D = nn.Parameter(torch.randn(d_model))
-        self._step_matrices = None
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u (batch, H, L) -> y (batch, H, L), causal: y_t depends on u_{≤t}."""
@@ -289,30 +315,48 @@ class S4Conv(nn.Module):
         # the FFT runs in fp32 at least, also under bf16 autocast (bf16 FFTs are inexact and mostly unsupported)
         return fft_causal_conv(u, self.kernel(u.shape[-1]), self.D)
 
-    def setup_step(self) -> None:
-        """Cache what `step` needs from the current parameters (call again after changing the weights):
-        Ā, B̄ (diagonal) for S4D; the Woodbury factors of the bilinear step for DPLR."""
-        with torch.no_grad():
-            terms = self.kernel.step_factors() if isinstance(self.kernel, DPLRKernel) else self.kernel.discrete()[:2]
-            self._step_matrices = tuple(t.detach() for t in terms) + (self.kernel.output().detach(),)
+    def _step_coefficients(self, device, dtype: torch.dtype) -> S4StepCoefficients:
+        """The step's coefficients from the current parameters, derived in float64 (see the class)."""
+        kernel = self.kernel
+        d, u, v, b = (None if t is None else t.to(torch.complex128) for t in kernel.recurrence())
+        c = kernel.output().to(torch.complex128)
+        half = kernel.d_state // 2
+        if u is not None:  # DPLR, full state [x, x̄]: keep the stored half; 2·Re(C_f x_f) = 2·Re(2 C_f,h x)
+            d, u, v, b, c = d[:, :half], u[:, :half], v[:, :half], b[:, :half], 2 * c[:, :half]
+        pairs = lambda z: torch.stack([z.real, z.imag], -2)  # noqa: E731  (H, n) complex -> (H, 2, n)
+        cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        out_read = pairs((2 * c * d).conj())  # 2·Re(Σ C d x): Re(z x) = Σ pairs(z̄) ⊙ [Re x, Im x]
+        read, low_rank = [out_read], None
+        if u is not None:
+            s_read = pairs(2 * v.conj())  # s = 2·Re(Σ v x)
+            # the output's state term loses 2·Re(Σ C u)·s through the rank-1 term
+            read = [s_read, out_read - 2 * (c * u).sum(-1, keepdim=True).real[..., None] * s_read]
+            low_rank = cast(pairs(-u))
+        return S4StepCoefficients(
+            read=cast(torch.stack(read, 1)),
+            same=cast(torch.stack([d.real, d.real], -2)),
+            swap=cast(torch.stack([-d.imag, d.imag], -2)),
+            b_bar=cast(pairs(b)),
+            low_rank=low_rank,
+            direct=cast(2 * (c * b).sum(-1).real + self.D.double()),
+        )
 
-    def default_state(self, batch: int) -> torch.Tensor:
-        """The zero state (batch, H, n), complex: n = N/2 modes for S4D, the full N for DPLR."""
-        C = self.kernel.output()
-        return torch.zeros(batch, *C.shape, dtype=C.dtype, device=C.device)
+    def init_state(self, batch: int, *, device=None, dtype=None) -> S4State:
+        """The zero state with the step coefficients of the current parameters, in `dtype` (default: the
+        layer's) on `device` (default: the layer's)."""
+        coefficients = self._step_coefficients(self.D.device if device is None else device,
+                                               self.D.dtype if dtype is None else dtype)
+        return S4State(coefficients.same.new_zeros(batch, *coefficients.same.shape), coefficients)
 
-    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sample: u (batch, H) -> (y (batch, H), new state), O(H·N) for both kernels."""
-        if self._step_matrices is None:
-            raise RuntimeError("call setup_step() before step()")
-        *terms, C = self._step_matrices
-        if len(terms) == 2:  # S4D: Ā, B̄ diagonal
-            dA, dB = terms
-            state = dA * state + dB * u[..., None]
-        else:  # DPLR: M⁻¹ (I + Δ/2·A) x + M⁻¹ Δ B u, with M⁻¹ by Woodbury
-            lam, p, half, e_inv, q, denom, dtB = terms
-            r = state + half * (lam * state - p * (p.conj() * state).sum(-1, keepdim=True)) + dtB * u[..., None]
-            s = e_inv * r
-            state = s - q * ((p.conj() * s).sum(-1, keepdim=True) / denom)
-        y = 2 * (C * state).sum(-1).real.to(u.dtype) + self.D * u
-        return y, state
+    def step(self, u: torch.Tensor, state: S4State) -> tuple[torch.Tensor, S4State]:
+        """One sample: u (batch, H) -> (y (batch, H), new state), O(H·N) for both kernels. The [Re, Im] flip
+        (not a roll of one flat dimension) keeps every load contiguous, so inductor vectorises the update."""
+        if u.ndim != 2 or u.shape[1] != self.kernel.d_model:
+            raise ValueError(f"S4Conv.step expects (batch, {self.kernel.d_model}), got {tuple(u.shape)}")
+        x, k = state
+        r = (x[:, :, None] * k.read).sum((-2, -1))  # (batch, H, 1 or 2)
+        y = r[..., -1] + k.direct * u
+        x = x * k.same + x.flip(-2) * k.swap + u[..., None, None] * k.b_bar
+        if k.low_rank is not None:
+            x = x + r[..., 0, None, None] * k.low_rank
+        return y, S4State(x, k)

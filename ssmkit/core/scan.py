@@ -17,6 +17,9 @@ import os
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+
+from ssmkit.util import shape_error
 
 __all__ = ["selective_scan", "selective_state_update", "linear_scan", "BACKENDS"]
 
@@ -25,11 +28,6 @@ BACKENDS = ("ref", "chunked", "cpu", "triton")
 
 # ----------------------------------------------------------------------------------------------
 # argument checks
-
-
-def _fail(name: str, got, expected: str) -> None:
-    got = tuple(got.shape) if isinstance(got, torch.Tensor) else got
-    raise ValueError(f"selective_scan: {name} has shape {got}; expected {expected}")
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -45,12 +43,12 @@ def _normalize_bc(name: str, X: torch.Tensor, batch: int, dim: int, d_state: int
                 f"or time-invariant (dim, d_state) = ({dim}, {d_state})")
     if X.dim() == 2:
         if tuple(X.shape) != (dim, d_state):
-            _fail(name, X, expected)
+            raise shape_error("selective_scan", name, X, expected)
         return X.unsqueeze(0).unsqueeze(-1).expand(batch, dim, d_state, length)
     if X.dim() == 3:
         X = X.unsqueeze(1)
     if X.dim() != 4 or X.shape[0] != batch or X.shape[2] != d_state or X.shape[3] != length:
-        _fail(name, X, expected)
+        raise shape_error("selective_scan", name, X, expected)
     if dim % X.shape[1] != 0:
         raise ValueError(f"selective_scan: {name} has {X.shape[1]} groups, which does not divide dim={dim}")
     return X
@@ -60,21 +58,21 @@ def _check_vector(name: str, v: torch.Tensor | None, dim: int) -> None:
     if v is not None:
         _check_float(name, v)
         if tuple(v.shape) != (dim,):
-            _fail(name, v, f"(dim,) = ({dim},)")
+            raise shape_error("selective_scan", name, v, f"(dim,) = ({dim},)")
 
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
     for name, t in (("u", u), ("delta", delta), ("A", A)):
         _check_float(name, t)
     if u.dim() != 3:
-        _fail("u", u, "(batch, dim, length)")
+        raise shape_error("selective_scan", "u", u, "(batch, dim, length)")
     batch, dim, length = u.shape
     if length == 0:
         raise ValueError("selective_scan: u has length 0; the sequence must have at least one step")
     if tuple(delta.shape) != tuple(u.shape):
-        _fail("delta", delta, f"(batch, dim, length) = {tuple(u.shape)}, the shape of u")
+        raise shape_error("selective_scan", "delta", delta, f"(batch, dim, length) = {tuple(u.shape)}, the shape of u")
     if A.dim() != 2 or A.shape[0] != dim:
-        _fail("A", A, f"(dim, d_state) = ({dim}, N)")
+        raise shape_error("selective_scan", "A", A, f"(dim, d_state) = ({dim}, N)")
     if A.is_complex():
         raise ValueError("selective_scan: complex A is not supported; pass a real A (e.g. -exp(A_log))")
     d_state = A.shape[1]
@@ -85,16 +83,17 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx
     if z is not None:
         _check_float("z", z)
         if tuple(z.shape) != tuple(u.shape):
-            _fail("z", z, f"(batch, dim, length) = {tuple(u.shape)}, the shape of u")
+            raise shape_error("selective_scan", "z", z, f"(batch, dim, length) = {tuple(u.shape)}, the shape of u")
     if initial_state is not None:
         _check_float("initial_state", initial_state)
         if tuple(initial_state.shape) != (batch, dim, d_state):
-            _fail("initial_state", initial_state, f"(batch, dim, d_state) = ({batch}, {dim}, {d_state})")
+            raise shape_error("selective_scan",
+                              "initial_state", initial_state, f"(batch, dim, d_state) = ({batch}, {dim}, {d_state})")
     if seq_idx is not None:
         if seq_idx.is_floating_point() or seq_idx.is_complex() or seq_idx.dtype == torch.bool:
             raise ValueError(f"selective_scan: seq_idx must be an integer tensor, got dtype {seq_idx.dtype}")
         if tuple(seq_idx.shape) != (batch, length):
-            _fail("seq_idx", seq_idx, f"(batch, length) = ({batch}, {length})")
+            raise shape_error("selective_scan", "seq_idx", seq_idx, f"(batch, length) = ({batch}, {length})")
     return B, C
 
 
@@ -214,20 +213,20 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A)):
         _check_float(name, t)
     if state.dim() != 3:
-        _fail("state", state, "(batch, dim, d_state)")
+        raise shape_error("selective_scan", "state", state, "(batch, dim, d_state)")
     batch, dim, d_state = state.shape
     for name, t in (("x", x), ("dt", dt), ("z", z)):
         if t is not None and tuple(t.shape) != (batch, dim):
-            _fail(name, t, f"(batch, dim) = ({batch}, {dim})")
+            raise shape_error("selective_scan", name, t, f"(batch, dim) = ({batch}, {dim})")
     if tuple(A.shape) != (dim, d_state):
-        _fail("A", A, f"(dim, d_state) = ({dim}, {d_state})")
+        raise shape_error("selective_scan", "A", A, f"(dim, d_state) = ({dim}, {d_state})")
     groups = []
     for name, t in (("B", B), ("C", C)):
         _check_float(name, t)
         t = t.unsqueeze(1) if t.dim() == 2 else t
         if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != d_state or dim % t.shape[1] != 0:
-            _fail(name, t, f"(batch, d_state) = ({batch}, {d_state}) or (batch, groups, d_state) "
-                           f"with groups dividing dim={dim}")
+            raise shape_error("selective_scan", name, t, f"(batch, d_state) = ({batch}, {d_state}) or "
+                              f"(batch, groups, d_state) with groups dividing dim={dim}")
         groups.append(t)
     B, C = groups
     _check_vector("D", D, dim)
@@ -398,26 +397,23 @@ class _Layout:
         self.steps = steps[::-1] if reverse else steps  # positions within a chunk, in scan order
         self.chunks = chunks[::-1] if reverse else chunks
 
-    def seq(self, x: torch.Tensor) -> torch.Tensor:  # (b, d, L) -> (T, b, G, nc, Dg)
+    def seq(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, self.pad))
-        return x.view(self.batch, self.G, self.Dg, self.nc, self.T).permute(4, 0, 1, 3, 2).contiguous()
+        return rearrange(x, "b (g d) (c t) -> t b g c d", g=self.G, t=self.T).contiguous()
 
-    def unseq(self, x: torch.Tensor) -> torch.Tensor:  # (T, b, G, nc, Dg) -> (b, d, L)
-        x = x.permute(1, 2, 4, 3, 0).reshape(self.batch, self.dim, self.nc * self.T)
-        return x[..., : self.length]
+    def unseq(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "t b g c d -> b (g d) (c t)")[..., : self.length]
 
-    def bc(self, X: torch.Tensor) -> torch.Tensor:  # (b, G, N, L) -> (T, b, G, nc, 1, N)
-        N = X.shape[2]
+    def bc(self, X: torch.Tensor) -> torch.Tensor:
         X = F.pad(X, (0, self.pad))
-        return X.view(self.batch, self.G, N, self.nc, self.T).permute(4, 0, 1, 3, 2).unsqueeze(4).contiguous()
+        return rearrange(X, "b g n (c t) -> t b g c 1 n", t=self.T).contiguous()
 
-    def unbc(self, X: torch.Tensor) -> torch.Tensor:  # (T, b, G, nc, 1, N) -> (b, G, N, L)
-        T, b, G, nc, _, N = X.shape
-        return X.squeeze(4).permute(1, 2, 4, 3, 0).reshape(b, G, N, nc * T)[..., : self.length]
+    def unbc(self, X: torch.Tensor) -> torch.Tensor:
+        return rearrange(X, "t b g c 1 n -> b g n (c t)")[..., : self.length]
 
-    def gate(self, keep: torch.Tensor) -> torch.Tensor:  # (b, L) -> (T, b, 1, nc, 1, 1)
+    def gate(self, keep: torch.Tensor) -> torch.Tensor:
         keep = F.pad(keep, (0, self.pad), value=1.0)
-        return keep.view(self.batch, self.nc, self.T).permute(2, 0, 1).reshape(self.T, self.batch, 1, self.nc, 1, 1)
+        return rearrange(keep, "b (c t) -> t b 1 c 1 1", t=self.T)
 
     def chunk_decay(self, dt_s, A_v, keep_s) -> torch.Tensor:
         """Product of the decays over each chunk: (b, G, nc, Dg, N)."""

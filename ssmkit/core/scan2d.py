@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ssmkit.core.mamba import add_ssm_parameters
 from ssmkit.core.scan import _pick_backend, linear_scan
+from ssmkit.util import shape_error
 
 __all__ = ["selective_scan_2d", "Mamba2D", "DIRECTIONS", "BACKENDS_2D"]
 
@@ -35,35 +36,30 @@ BACKENDS_2D = ("ref", "chunked", "cpu", "triton")
 # 2-D selective scan
 
 
-def _fail(name, got, expected):
-    got = tuple(got.shape) if isinstance(got, torch.Tensor) else got
-    raise ValueError(f"selective_scan_2d: {name} has shape {got}; expected {expected}")
-
-
 def _check_2d_args(u, delta, A, B, C, D, delta_bias, directions, backend):
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
                     ("delta_bias", delta_bias)):
         if t is not None and not t.is_floating_point():
             raise ValueError(f"selective_scan_2d: {name} must be a real floating-point tensor, got {t.dtype}")
     if u.dim() != 4 or 0 in u.shape:
-        _fail("u", u, "(batch, dim, H, W), all non-empty")
+        raise shape_error("selective_scan_2d", "u", u, "(batch, dim, H, W), all non-empty")
     batch, dim, H, W = u.shape
     if delta.shape != u.shape:
-        _fail("delta", delta, f"{tuple(u.shape)}, the shape of u")
+        raise shape_error("selective_scan_2d", "delta", delta, f"{tuple(u.shape)}, the shape of u")
     if A.dim() != 2 or A.shape[0] != dim:
-        _fail("A", A, f"(dim, d_state) = ({dim}, N)")
+        raise shape_error("selective_scan_2d", "A", A, f"(dim, d_state) = ({dim}, N)")
     N = A.shape[1]
     out = []
     for name, X in (("B", B), ("C", C)):
         X = X.unsqueeze(1) if X.dim() == 4 else X
         if X.dim() != 5 or (X.shape[0], X.shape[2], X.shape[3], X.shape[4]) != (batch, N, H, W) \
                 or dim % X.shape[1] != 0:
-            _fail(name, X, f"(batch, groups, d_state, H, W) = ({batch}, G, {N}, {H}, {W}) with G dividing "
-                           f"dim={dim}, or (batch, d_state, H, W)")
+            raise shape_error("selective_scan_2d", name, X, f"(batch, groups, d_state, H, W) = ({batch}, G, {N}, "
+                              f"{H}, {W}) with G dividing dim={dim}, or (batch, d_state, H, W)")
         out.append(X)
     for name, v in (("D", D), ("delta_bias", delta_bias)):
         if v is not None and v.shape != (dim,):
-            _fail(name, v, f"(dim,) = ({dim},)")
+            raise shape_error("selective_scan_2d", name, v, f"(dim,) = ({dim},)")
     directions = (directions,) if isinstance(directions, str) else tuple(directions)
     if not directions or any(d not in DIRECTIONS for d in directions):
         raise ValueError(f"selective_scan_2d: directions {directions!r} must be a non-empty sequence "

@@ -22,9 +22,9 @@ from torch.utils.data import Dataset
 from ssmkit.errors import DataError
 from ssmkit.genomics.tokenizer import CharTokenizer, reverse_complement
 
-__all__ = ["read_fasta", "read_bed", "read_bed_line", "read_labelled_bed", "check_same_classes", "Region",
-           "fasta_regions", "RandomWindows", "TiledWindows", "LabelledSequences", "read_genomic_benchmarks", "read_sequence_table", "species_regions",
-           "SPECIES_FASTA", "collate", "length_at_epoch"]
+__all__ = ["read_fasta", "read_bed", "bed_lines", "read_bed_line", "read_labelled_bed", "check_same_classes",
+           "Region", "fasta_regions", "RandomWindows", "TiledWindows", "LabelledSequences", "read_genomic_benchmarks",
+           "read_sequence_table", "species_regions", "SPECIES_FASTA", "collate", "length_at_epoch"]
 
 SPECIES_FASTA = Path(__file__).parent / "fixtures" / "species.fa.gz"
 _VALID = frozenset("ACGTNacgtn")
@@ -85,6 +85,17 @@ class Region:
         return self.end - self.start
 
 
+def bed_lines(path: str | Path):
+    """(line number, columns) of every data line of a BED file (tab- or space-separated; comment, track
+    and browser lines skipped); a missing file is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: BED file does not exist")
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip() and not line.startswith(("#", "track", "browser")):
+            yield number, line.split("\t") if "\t" in line else line.split()
+
+
 def read_bed_line(path: Path, number: int, cols: list[str], lengths: dict[str, int]) -> Region:
     """The interval of one BED line's columns, checked against the chromosome `lengths`."""
     try:
@@ -103,14 +114,8 @@ def read_bed_line(path: Path, number: int, cols: list[str], lengths: dict[str, i
 def read_bed(path: str | Path, lengths: dict[str, int], split: str = "") -> list[Region]:
     """Intervals of a BED file (chrom, start, end[, split or name]; 0-based, half-open) checked against the
     chromosome `lengths`; with `split`, only lines whose 4th column equals it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: BED file does not exist")
-    regions = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.startswith(("#", "track", "browser")):
-            continue
-        cols = line.split("\t") if "\t" in line else line.split()
+    path, regions = Path(path), []
+    for number, cols in bed_lines(path):
         if split and (len(cols) < 4 or cols[3] != split):
             continue
         regions.append(read_bed_line(path, number, cols, lengths))
@@ -169,16 +174,11 @@ def read_labelled_bed(fasta: str | Path, bed: str | Path, eval_fraction: float, 
     stratified `eval_fraction` of each class (drawn with `seed`) is held out. Items are (sequence, class)."""
     fa = _open_fasta(fasta)
     lengths = {name: len(fa[name]) for name in fa.keys()}
-    path = Path(bed)
-    if not path.is_file():
-        raise DataError(f"{path}: BED file does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.startswith(("#", "track", "browser")):
-            continue
-        cols = line.split("\t") if "\t" in line else line.split()
+    path, rows = Path(bed), []
+    for number, cols in bed_lines(path):
         if len(cols) < 4:
-            raise DataError(f"{path}:{number}: a labelled BED line needs chrom, start, end and a label; got {line!r}")
+            raise DataError(f"{path}:{number}: a labelled BED line needs chrom, start, end and a label; got "
+                            f"{' '.join(cols)!r}")
         region = read_bed_line(path, number, cols, lengths)
         split = cols[4] if len(cols) > 4 else ""
         if split not in ("", "train", "test", "val"):

@@ -63,7 +63,7 @@ class HyenaDNAConfig:
         return math.ceil(self.vocab_size / m) * m
 
 
-# name -> (d_model, n_layer, d_inner, l_max) of the published models (research note, table 2.1)
+# name -> (d_model, n_layer, d_inner, l_max) of the published models (their official config.json files)
 PRESETS = {
     "hyenadna_tiny_1k": (128, 2, 512, 1026),
     "hyenadna_tiny_1k_d256": (256, 2, 1024, 1026),

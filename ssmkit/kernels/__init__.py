@@ -1,5 +1,6 @@
-"""Triton implementations of the ops defined in `ssmkit.core` (same signatures, same results within
-tolerance). `ssmkit.core` picks a backend at call time; nothing above `core` imports this package.
+"""Fast implementations of the ops defined in `ssmkit.core` (Triton for GPUs, compiled C for CPUs; same
+signatures, same results within tolerance). `ssmkit.core` picks a backend at call time; nothing above
+`core` imports this package.
 
 Importing this package is cheap: Triton itself is only imported by the kernel modules.
 """

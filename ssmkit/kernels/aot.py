@@ -166,7 +166,7 @@ def _scan2d_case(batch, dim, H, W, N, right_to_left, bottom_up):
 
 
 def _cases():
-    """(label, thunk) for every default launch plan the kernels have: the issue-size shapes of the 1-D
+    """(label, thunk) for every default launch plan the kernels have: the benchmark shapes of the 1-D
     scan (lengths cut to keep the host side cheap: the plan does not depend on L), its variants, the
     decode step and the 2-D scan."""
     import torch

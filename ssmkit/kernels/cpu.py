@@ -118,7 +118,7 @@ _S2 = _I64 * 2
 
 class _ScanArgs(ctypes.Structure):
     _fields_ = ([(n, _I64) for n in ("batch", "dim", "L", "N", "cb", "K", "dpg_B", "dpg_C", "B_var", "C_var",
-                                      "softplus", "reverse", "threads")]
+                                     "softplus", "reverse", "threads")]
                 + [(n, _S3) for n in ("su", "sd", "sz", "sy", "sdy", "sdu", "sdd", "sdz", "sB", "sC")]
                 + [(n, _PTR) for n in ("u", "delta", "A", "B", "C", "D", "z", "bias", "h0", "dy", "dlast", "seq",
                                        "y", "last", "ckpt", "du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC",
@@ -130,7 +130,7 @@ _S4 = _I64 * 4
 
 class _Scan2dArgs(ctypes.Structure):
     _fields_ = ([(n, _I64) for n in ("batch", "dim", "H", "W", "N", "cb", "K", "dpg_B", "dpg_C", "rtl", "bu",
-                                      "threads")]
+                                     "threads")]
                 + [(n, _S4) for n in ("su", "sdt", "sy", "sdy", "sdu", "sddt", "sB", "sC")]
                 + [(n, _PTR) for n in ("u", "dt", "A", "B", "C", "dy", "y", "ckpt", "du", "ddt", "dA", "dB", "dC")])
 

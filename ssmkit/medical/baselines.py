@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from ssmkit.medical.mambamil import attention_mlp, attention_pool, check_bag
 
@@ -88,10 +89,9 @@ class _AttentionLayer(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return x + self.out(y.transpose(1, 2).reshape(b, n, d))
+        return x + self.out(rearrange(y, "b h n d -> b n (h d)"))
 
 
 class _PPEG(nn.Module):

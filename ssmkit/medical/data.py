@@ -112,7 +112,7 @@ def check_bags(paths: list[Path], in_dim: int = 0) -> int:
         expected = f"--in-dim {in_dim}" if in_dim else f"{common}, the width of the other {len(widths[common])} bags"
         more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
         raise DataError(f"{odd[0]}: feature width {width}, not {expected}{more}; re-extract the features with the "
-                       f"same backbone")
+                        f"same backbone")
     return common
 
 
@@ -219,7 +219,7 @@ class BagDataset(Dataset):
         for case in cases:
             if task == "classification" and case.label not in self.labels:
                 raise DataError(f"patient {case.case_id} has label {case.label!r}, not one of "
-                               f"{sorted(self.labels)}")
+                                f"{sorted(self.labels)}")
         self.in_dim = check_bags([self.bag_path(s) for c in cases for s in c.slide_ids], in_dim)
 
     def bag_path(self, slide_id: str) -> Path:

@@ -9,7 +9,8 @@ MIL model in `ssmkit.medical` returns the same dict:
     embedding  (1, d)          the pooled bag vector
 
 Parameter names follow the reference (`_fc1`, `layers.{i}.0/1`, `norm`, `attention.{0,2}`, `classifier`;
-the mixers use mamba_ssm's names), so a state dict of the reference code loads unchanged.
+the mixers use mamba_ssm's names), so a checkpoint of the reference code (`s_<fold>_checkpoint.pt`) loads
+unchanged: `ssmkit.load_official("mambamil", path, in_dim=..., n_classes=...)` or with a model.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ import torch.nn as nn
 
 from ssmkit.core.mamba import Mamba, StridedOrder
 from ssmkit.core.scan2d import Mamba2D
+from ssmkit.registry import register_official
 
 __all__ = ["check_bag", "attention_mlp", "attention_pool", "MambaMIL", "MambaMIL2D", "grid_positions",
-           "load_reference_weights", "reference_init"]
+           "convert_official_mambamil", "reference_init"]
 
 MIXERS = ("sr", "bi", "uni")
 INITS = ("reference", "mamba")
@@ -200,14 +202,10 @@ class MambaMIL2D(_PooledMIL):
 
 
 
-def load_reference_weights(model: nn.Module, path: str) -> None:
-    """Load a checkpoint of the reference MambaMIL code (a torch state dict file, keys optionally prefixed
-    `module.` by DataParallel) from a local `path` into `model`; a mismatch names the keys."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this {type(model).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} (check in_dim, n_classes, n_layers and mixer)")
+def convert_official_mambamil(state_dict: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
+    """The reference MambaMIL code's state dict (DataParallel's `module.` prefix already dropped by the
+    reader) in ssmkit's names: the parameter names are the reference's, so the keys carry over as they are."""
+    return dict(state_dict)
+
+
+register_official("mambamil", (MambaMIL, MambaMIL2D), convert_official_mambamil, config_of=lambda model: None)

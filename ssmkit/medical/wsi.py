@@ -41,12 +41,12 @@ def open_slide(path: str | Path, max_flat_side: int = MAX_FLAT_SIDE):
         slide.level_dimensions  # noqa: B018  (touches the pyramid: fails here on broken files)
     except Exception as e:
         raise DataError(f"{path} is not a readable slide (corrupt, or not a tiled TIFF/SVS): "
-                         f"{type(e).__name__}: {e}") from None
+                        f"{type(e).__name__}: {e}") from None
     if slide.level_count == 1 and max(slide.dimensions) > max_flat_side:
         w, h = slide.dimensions
         raise DataError(f"{path} is not pyramidal: one level of {w}x{h} pixels (more than {max_flat_side} per "
-                         "side would be decoded whole); convert it to a tiled pyramid first, e.g. "
-                         "`vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`")
+                        "side would be decoded whole); convert it to a tiled pyramid first, e.g. "
+                        "`vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`")
     return slide
 
 
@@ -57,7 +57,7 @@ def slide_mpp(slide, path: str | Path = "", override: float = 0.0) -> float:
     mpp = slide.properties.get("tiffslide.mpp-x")
     if not mpp:
         raise DataError(f"slide {path} has no microns-per-pixel metadata; pass the level-0 resolution "
-                         "(--slide-mpp, e.g. 0.25 for 40x, 0.5 for 20x)")
+                        "(--slide-mpp, e.g. 0.25 for 40x, 0.5 for 20x)")
     return float(mpp)
 
 
@@ -198,7 +198,7 @@ def extract_slide(slide_path: str | Path, out_root: str | Path, extractor: Featu
     tiling = tile_slide(slide, patch_size, target_mpp, min_tissue, slide_path, mpp_override)
     if len(tiling.coords) == 0:
         raise DataError(f"slide {slide_path} has no tile with at least {min_tissue:.0%} tissue; lower "
-                         "--min-tissue or check the slide")
+                        "--min-tissue or check the slide")
     chunks = []
     for start in tqdm(range(0, len(tiling.coords), batch_size), desc=slide_path.stem, unit="batch",
                       disable=not progress):

@@ -7,6 +7,6 @@ works afterwards.
 """
 from ssmkit.vision import convs5, mair, vig, vim  # noqa: F401  (registers the model configs)
 from ssmkit.vision.vig import ViG
-from ssmkit.vision.vim import VisionMamba, load_official_vim, resize_pos_embed_mid_cls
+from ssmkit.vision.vim import VisionMamba, resize_pos_embed_mid_cls
 
-__all__ = ["VisionMamba", "ViG", "load_official_vim", "resize_pos_embed_mid_cls"]
+__all__ = ["VisionMamba", "ViG", "resize_pos_embed_mid_cls"]

@@ -7,9 +7,10 @@
 
 Everything but the ConvS5 scan acts on one frame at a time, so the model is causal in time:
 prediction t depends on frames 0..t only. `forward` runs the ConvS5 layers in parallel over time
-(`convssm_scan`, teacher forcing); `condition` returns each layer's last state as well; `step`
-advances every layer by one frame from its state (`convssm_step`), so `rollout` generates each new
-frame in O(1) time and memory regardless of how many frames came before.
+(`convssm_scan`, teacher forcing); `condition` returns each layer's last state as well; `init_state`
+and `step` (the protocol of `ssmkit.core.generation`) advance every layer by one frame from its state
+(`convssm_step`), so `rollout` generates each new frame in O(1) time and memory regardless of how many
+frames came before.
 """
 from __future__ import annotations
 
@@ -77,7 +78,10 @@ class ConvS5Block(nn.Module):
         x = x + self._ff(self.norm2(x).flatten(0, 1)).unflatten(0, x.shape[:2])
         return x, last
 
-    def step(self, x_t, state=None):
+    def init_state(self, batch: int, *, device=None, dtype=None):
+        return self.ssm.init_state(batch, device=device, dtype=dtype)
+
+    def step(self, x_t, state):
         """x_t (batch, d, h, w) -> (x_t, state)."""
         y, state = self.ssm.step(self.norm1(x_t), state)
         x_t = x_t + self.drop(F.gelu(y))
@@ -140,17 +144,20 @@ class ConvS5Predictor(nn.Module):
     def forward(self, frames, logits=False):
         return self.condition(frames, logits=logits)[0]
 
-    def step(self, frame, states=None, logits=False):
+    def init_state(self, batch: int, *, device=None, dtype=None) -> list[torch.Tensor]:
+        """Every layer's zero state, for frames of any size."""
+        return [block.init_state(batch, device=device, dtype=dtype) for block in self.blocks]
+
+    def step(self, frame, state):
         """One frame (batch, C, H, W) -> (prediction of the next frame, new per-layer states); O(1) in
-        the number of frames seen so far. states None starts from zero states."""
+        the number of frames seen so far. `state`: from `init_state`, `condition` or an earlier step."""
         self._check(frame, step=True)
         x = self._encode(frame)
-        states = [None] * len(self.blocks) if states is None else list(states)
         new = []
-        for block, s in zip(self.blocks, states):
+        for block, s in zip(self.blocks, state):
             x, s = block.step(x, s)
             new.append(s)
-        return self._decode(x, logits), new
+        return self._decode(x, logits=False), new
 
     @torch.no_grad()
     def rollout(self, context, n_future):

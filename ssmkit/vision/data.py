@@ -6,8 +6,8 @@ the model's input size and normalised. Training augmentation (a light random-res
 horizontal flip) is a pure function of (seed, epoch, index): the runner calls `set_epoch(epoch)`
 before each epoch, so a resumed run sees exactly the images the original run would have seen.
 
-No torchvision here (see the vision research note: it must not be needed by the data path); PIL
-reads image files, numpy reads IDX files.
+No torchvision on the data path (the data must load where torchvision's wheels do not): PIL reads
+image files, numpy reads IDX files.
 
     train, test = load_digits_split(seed=0)                  # ArrayImageDataset pair, 8x8 digits
     train, test = load_idx_folder("/usr/share/datasets/fashion-mnist")
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ssmkit.errors import DataError
+from ssmkit.util import derive_seed
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -57,11 +58,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 # IDX type codes (third magic byte) -> numpy big-endian dtype
 _IDX_TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-def _seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers (same mixing as the runner's derive_seed)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +197,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     """(train indices, test indices), sorted: a `test_fraction` share of every class (at least one sample
     of each class with two or more) goes to test, drawn with `seed`."""
     labels = np.asarray(labels)
-    rng = np.random.default_rng(_seed(seed, 7919))
+    rng = np.random.default_rng(derive_seed(seed, 7919))
     train, test = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -436,5 +432,5 @@ class ClassificationDataset(Dataset):
         x, y = self.base.raw(index)
         g = None
         if self.transform.train:
-            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, index))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
         return self.transform(x, g), y

@@ -18,8 +18,9 @@ one for 3, conv to RGB), "pixelshuffledirect" (lightweight SR: one conv + PixelS
 denoising model: the input plus a conv of the features). Inputs of any size are padded (reflect) to
 a multiple of the stripe width and the output is cropped back.
 
-`load_official_mair(model, path)` loads a BasicSR checkpoint of the official code (`params` /
-`params_ema`) by mapping its key names onto this module's.
+`ssmkit.load_official("mair_sr_x2", path)` (or with a model in place of the name) loads a BasicSR
+checkpoint of the official code (`params`; `weights_key="params_ema"` for the EMA weights), whose key
+names `convert_official_mair` maps onto this module's.
 
 ssmkit extensions (off in the published configs): `interp_init=True` initialises the model to output
 bilinear upsampling of its input (the input itself for denoising), so short CPU runs learn a
@@ -28,7 +29,6 @@ correction; `VMM(scan="cross4", ssa=False)` is the MambaIR/VMamba peer mixer for
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -41,10 +41,10 @@ from ssmkit.core.layers import DropPath, drop_path_rates
 
 from ssmkit.core.mamba import add_ssm_parameters
 from ssmkit.core.scan import selective_scan
-from ssmkit.registry import register_model
+from ssmkit.registry import register_model, register_official
 from ssmkit.vision.scan_orders import cross4, gather, mair4, merge
 
-__all__ = ["MaIRConfig", "MaIR", "VMM", "MAIR_CONFIGS", "official_to_ssmkit_key", "load_official_mair"]
+__all__ = ["MaIRConfig", "MaIR", "VMM", "MAIR_CONFIGS", "convert_official_mair"]
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean of the official models
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "")
@@ -343,50 +343,21 @@ _KEY_MAP = (
 )
 
 
-def official_to_ssmkit_key(key: str) -> str:
-    """The ssmkit name of an official MaIR state-dict key (`module.` prefixes dropped)."""
-    key = key.removeprefix("module.")
-    for pattern, repl in _KEY_MAP:
-        key = re.sub(pattern, repl, key)
-    return key
+def convert_official_mair(state_dict: dict[str, torch.Tensor], config: MaIRConfig) -> dict[str, torch.Tensor]:
+    """Official MaIR weights (`mair_arch.py`, as BasicSR saves them) -> the state dict of a MaIR of `config`.
 
-
-def load_official_mair(model: MaIR, path_or_state_dict, param_key: str = "params") -> None:
-    """Load an official MaIR checkpoint (a local .pth path or a state dict) into `model`.
-
-    BasicSR saves `{"params": ...}` (and `{"params_ema": ...}` for EMA weights); `param_key` picks
-    one and falls back to the other, or to a bare state dict. Raises ValueError naming the file and
-    the missing / unexpected / mis-shaped keys when the checkpoint does not fit the model's config.
+    Only the names differ (`_KEY_MAP`); the tensors are the same for every configuration, so `config` only
+    completes the common converter signature (`ssmkit.load_official` checks the shapes against the model).
     """
-    source = "state dict"
-    state = path_or_state_dict
-    if isinstance(state, (str, os.PathLike)):
-        source = os.fspath(state)
-        if not os.path.isfile(source):
-            raise ValueError(f"MaIR checkpoint {source} does not exist")
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - pickle and zip errors come in several types
-            raise ValueError(f"cannot read MaIR checkpoint {source}: {err}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"MaIR checkpoint {source} is not a state dict (got {type(state).__name__})")
-    for key in (param_key, "params_ema", "params"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    mapped = {official_to_ssmkit_key(k): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(mapped))
-    unexpected = sorted(set(mapped) - set(own))
-    shapes = [f"{k}: {tuple(mapped[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in mapped and mapped[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"MaIR checkpoint {source} does not fit this model ({model.config.embed_dim} channels, "
-                         f"depths {model.config.depths}, upsampler {model.config.upsampler!r} x{model.upscale}): "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-                         f"shape mismatches {shapes[:5]}")
-    model.load_state_dict(mapped)
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _KEY_MAP:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+register_official("mair", MaIR, convert_official_mair)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ gives the same sequence, and the train and eval splits draw from disjoint digit 
 """
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["MovingDigits", "load_digit_images", "load_idx_images", "FASHION_FILES"]
+from ssmkit.errors import DataError
+from ssmkit.util import derive_seed
+from ssmkit.vision.data import read_idx
+
+__all__ = ["MovingDigits", "load_digit_images", "FASHION_FILES"]
 
 FASHION_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 _EVAL_FRACTION = 0.2  # the last 20% of the images belong to the eval split
-
-
-def load_idx_images(path: str | Path) -> torch.Tensor:
-    """Images of an IDX3 file (optionally .gz) as uint8 (n, rows, cols)."""
-    path = Path(path)
-    raw = (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")).read()
-    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 0x0803:
-        raise ValueError(f"{path} is not an IDX3 image file (magic {raw[:4].hex()}, expected 00000803)")
-    n, rows, cols = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
-    if len(raw) != 16 + n * rows * cols:
-        raise ValueError(f"{path}: header says {n}x{rows}x{cols} images but the file holds {len(raw) - 16} bytes")
-    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(n, rows, cols)
 
 
 def _find_fashion(fashion_dir: str | Path) -> Path | None:
@@ -57,10 +48,12 @@ def load_digit_images(digit_size: int = 16, source: str = "sklearn", fashion_dir
         raise ValueError(f"source must be 'sklearn', 'fashion' or 'auto', got {source!r}")
     path = _find_fashion(fashion_dir) if fashion_dir and source != "sklearn" else None
     if source == "fashion" and path is None:
-        raise FileNotFoundError(f"no Fashion-MNIST IDX file ({' or '.join(FASHION_FILES)}, optionally .gz) "
-                                f"in {fashion_dir!r}")
+        raise DataError(f"no Fashion-MNIST IDX file ({' or '.join(FASHION_FILES)}, optionally .gz) "
+                        f"in {fashion_dir!r}")
     if path is not None:
-        images = load_idx_images(path).float() / 255.0
+        images = torch.from_numpy(read_idx(path)).float() / 255.0
+        if images.ndim != 3:
+            raise DataError(f"{path} holds an array of shape {tuple(images.shape)}, not (n, rows, cols) images")
     else:
         from sklearn.datasets import load_digits
 
@@ -69,10 +62,6 @@ def load_digit_images(digit_size: int = 16, source: str = "sklearn", fashion_dir
         images = F.interpolate(images[:, None], size=(digit_size, digit_size), mode="bilinear",
                                align_corners=False, antialias=True)[:, 0]
     return images.clamp_(0, 1).contiguous()
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _bounce(start: float, velocity: float, steps: int, limit: float) -> np.ndarray:
@@ -117,7 +106,7 @@ class MovingDigits(Dataset):
         """(digit image indices (n_digits,), top-left positions (n_digits, seq_len, 2) as ints (row, col))."""
         if not 0 <= index < self.size:
             raise IndexError(index)
-        rng = np.random.default_rng(_seed(self.seed, self.split, index))
+        rng = np.random.default_rng(derive_seed(self.seed, self.split, index))
         which = rng.integers(0, len(self.images), self.n_digits)
         limit = self.frame_size - self.digit_size
         pos = np.empty((self.n_digits, self.seq_len, 2), dtype=np.int64)

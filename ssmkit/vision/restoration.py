@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ssmkit.vision.data import IMAGE_EXTENSIONS, DataError, _seed, load_image_file
+from ssmkit.errors import DataError
+from ssmkit.util import derive_seed
+from ssmkit.vision.data import IMAGE_EXTENSIONS, load_image_file
 
 __all__ = [
     "imresize", "resize_weights", "BicubicDown", "GaussianNoise", "GaussianBlur", "MotionBlur", "JPEG",
@@ -290,7 +292,7 @@ class _PatchSampler:
         self.epoch = epoch
 
     def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng(_seed(self.seed, self.epoch if self.train else 0, index, int(self.train)))
+        return np.random.default_rng(derive_seed(self.seed, self.epoch if self.train else 0, index, int(self.train)))
 
 
 class PairedFolderDataset(_PatchSampler, Dataset):

@@ -28,7 +28,8 @@ from timm.layers import trunc_normal_
 from ssmkit.core.gla import gla
 from ssmkit.core.layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, drop_path_rates
 from ssmkit.registry import register_model as ssmkit_register_model
-from ssmkit.vision.vim import _to_2tuple, check_image_size, default_cfg_for, timm_cfg
+from ssmkit.vision.timm_models import default_cfg_for, register_timm_family
+from ssmkit.vision.vim import _to_2tuple, check_image_size
 
 __all__ = ["ViG", "BiGLA", "VIG_CONFIGS", "vig_tiny", "vig_small", "vig_base"]
 
@@ -323,29 +324,4 @@ def vig_base(**overrides) -> ViG:
     return _build("vig_base", overrides)
 
 
-from timm.models import build_model_with_cfg, generate_default_cfgs  # noqa: E402
-from timm.models import register_model as timm_register_model  # noqa: E402
-
-default_cfgs = generate_default_cfgs(
-    {f"ssmkit_{n}": timm_cfg(first_conv="patch_embed.proj.0", paper_ids="arXiv:2405.18425") for n in VIG_CONFIGS})
-
-
-def _timm_build(name: str, pretrained: bool, kwargs: dict) -> ViG:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(lambda **kw: _build(name, kw), f"ssmkit_{name}", pretrained,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
-
-
-@timm_register_model
-def ssmkit_vig_tiny(pretrained: bool = False, **kwargs) -> ViG:
-    return _timm_build("vig_tiny", pretrained, kwargs)
-
-
-@timm_register_model
-def ssmkit_vig_small(pretrained: bool = False, **kwargs) -> ViG:
-    return _timm_build("vig_small", pretrained, kwargs)
-
-
-@timm_register_model
-def ssmkit_vig_base(pretrained: bool = False, **kwargs) -> ViG:
-    return _timm_build("vig_base", pretrained, kwargs)
+register_timm_family(VIG_CONFIGS, _build, first_conv="patch_embed.proj.0", paper_ids="arXiv:2405.18425")

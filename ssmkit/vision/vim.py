@@ -1,7 +1,7 @@
 """Vision Mamba (Vim, hustvl/Vim, ICML 2024): a plain stack of bidirectional Mamba blocks over patches.
 
-Layout (names match the official checkpoints, so `load_official_vim` needs no renaming beyond
-unwrapping):
+Layout (names match the official checkpoints, so `convert_official_vim` renames nothing;
+`ssmkit.load_official("vim_tiny", path)`, or with a model in place of the name, loads them):
 
     patch_embed.proj   Conv2d(in_chans, D, patch, stride=patch)            -> (B, M, D), M = H·W
     cls_token          (1, 1, D), spliced into the sequence at index M // 2 (the "middle class token")
@@ -26,7 +26,6 @@ parameters at 224² with a 1000-class head.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -34,17 +33,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 
+from ssmkit.checkpoints import unwrap_state_dict
 from ssmkit.core.layers import DropPath, RMSNorm, drop_path_rates
 from ssmkit.core.mamba import MambaBlock, SequenceOrder
+from ssmkit.errors import CheckpointError
 from ssmkit.registry import register_model as ssmkit_register_model
+from ssmkit.registry import register_official
 from ssmkit.vision.scan_orders import GridOrder, GridSequenceOrder, get_scan_order
+from ssmkit.vision.timm_models import default_cfg_for, register_timm_family
 
 __all__ = [
     "VisionMamba",
     "MidClsGridOrder",
     "resize_pos_embed_mid_cls",
-    "load_official_vim",
-    "official_vim_key_map",
+    "convert_official_vim",
     "checkpoint_filter_fn",
     "VIM_CONFIGS",
     "vim_tiny",
@@ -52,9 +54,6 @@ __all__ = [
     "vim_base",
     "vim_micro",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def check_image_size(h: int, w: int, patch_size: int, model: str) -> tuple[int, int]:
@@ -69,33 +68,6 @@ def check_image_size(h: int, w: int, patch_size: int, model: str) -> tuple[int, 
 
 def _to_2tuple(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-def timm_cfg(*, first_conv: str, paper_ids: str, num_classes: int = 1000, input_size=(3, 224, 224),
-             crop_pct: float = 0.875) -> dict[str, Any]:
-    """A timm `pretrained_cfg` dict (no weights: url and file are empty); the defaults describe the
-    ImageNet configurations that the timm entry points register."""
-    return {
-        "url": "",
-        "num_classes": num_classes,
-        "input_size": tuple(input_size),
-        "pool_size": None,
-        "crop_pct": crop_pct,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "first_conv": first_conv,
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": paper_ids,
-    }
-
-
-def default_cfg_for(model, *, paper_ids: str) -> dict[str, Any]:
-    """The timm `pretrained_cfg` describing `model` as built (its classes, channels and image size)."""
-    return timm_cfg(first_conv=model.first_conv, paper_ids=paper_ids, num_classes=model.num_classes,
-                    input_size=(model.in_chans, *model.img_size))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,18 +277,17 @@ class VisionMamba(nn.Module):
         tp = m // 2
         x = torch.cat([x[:, :tp], self.cls_token.expand(b, -1, -1).to(x.dtype), x[:, tp:]], dim=1)
         x = self.pos_drop(x + self.pos_embed_for(grid).to(x.dtype))
-        if self.scan_grid_order is not None:
-            order = self._branch_order(grid)
-            for layer in self.layers:
-                layer.mixer.branch_order = order
         return x, grid
 
-    def _run_layers(self, x: torch.Tensor, n_layers: int, keep=()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the first `n_layers` layers; returns the final residual stream (hidden + residual, what norm_f
-        normalises) and the streams after the layers whose index is in `keep`."""
+    def _run_layers(self, x: torch.Tensor, grid: tuple[int, int], n_layers: int,
+                    keep=()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the first `n_layers` layers over the tokens of a patch grid, the second branch in this grid's
+        scan order; returns the final residual stream (hidden + residual, what norm_f normalises) and the
+        streams after the layers whose index is in `keep`."""
+        order = None if self.scan_grid_order is None else self._branch_order(grid)
         hidden, residual, kept = x, None, []
         for i, layer in enumerate(self.layers[:n_layers]):
-            hidden, residual = layer(hidden, residual)
+            hidden, residual = layer(hidden, residual, branch_order=order)
             if i in keep:
                 kept.append(hidden + residual)
         return (hidden if residual is None else self.drop_path(hidden) + residual), kept
@@ -327,8 +298,8 @@ class VisionMamba(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, M + 1, D) after norm_f; the class token is at index M // 2."""
-        x, _ = self._tokens(x)
-        return self._norm(self._run_layers(x, len(self.layers))[0])
+        x, grid = self._tokens(x)
+        return self._norm(self._run_layers(x, grid, len(self.layers))[0])
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -343,7 +314,7 @@ class VisionMamba(nn.Module):
         take, max_index = feature_take_indices(len(self.layers), indices)
         x, grid = self._tokens(x)
         n_layers = max_index + 1 if stop_early or intermediates_only else len(self.layers)
-        final, streams = self._run_layers(x, n_layers, keep=set(take))
+        final, streams = self._run_layers(x, grid, n_layers, keep=set(take))
         intermediates = []
         for y in streams:
             y = self._norm(y) if norm else y
@@ -384,45 +355,35 @@ class VisionMamba(nn.Module):
 # Official checkpoints
 
 
-def official_vim_key_map(depth: int) -> dict[str, str]:
-    """Official Vim parameter name -> this model's name, for a model of `depth` layers.
+def convert_official_vim(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Official Vim weights (hustvl/Vim `models_mamba.py`) -> the state dict of a VisionMamba built with the
+    keyword arguments `config` (as in VIM_CONFIGS; its `img_size` and `patch_size` are used).
 
-    The official names (hustvl/Vim `models_mamba.py`) are kept one to one, so the map is the identity
-    on these names; `load_official_vim` also strips `module.` prefixes and unwraps `model`/`state_dict`.
+    The official names are this module's, so only the position embedding changes: one trained at another
+    resolution is resized around the middle class token to config's patch grid.
     """
-    names = ["patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed",
-             "norm_f.weight", "head.weight", "head.bias"]
-    mixer = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
-             "dt_proj.bias", "A_log", "D", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight",
-             "dt_proj_b.weight", "dt_proj_b.bias", "A_b_log", "D_b", "out_proj.weight"]
-    for i in range(depth):
-        names += [f"layers.{i}.mixer.{n}" for n in mixer] + [f"layers.{i}.norm.weight"]
-    return {n: n for n in names}
+    grid = check_image_size(*_to_2tuple(config["img_size"]), int(config["patch_size"]), "VisionMamba")
+    out = dict(state_dict)
+    pos_embed = out.get("pos_embed")
+    if pos_embed is not None and pos_embed.shape[1] != grid[0] * grid[1] + 1:
+        m_old = pos_embed.shape[1] - 1
+        side = math.isqrt(m_old)
+        if side * side != m_old:
+            raise CheckpointError(f"pos_embed of shape {tuple(pos_embed.shape)} is not a square grid plus one class "
+                                  "token; resize it with resize_pos_embed_mid_cls")
+        out["pos_embed"] = resize_pos_embed_mid_cls(pos_embed, (side, side), grid)
+    return out
 
 
-def _unwrap(state_dict: dict) -> dict:
-    for key in ("model", "state_dict", "model_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            return state_dict[key]
-    return state_dict
+def _vim_config(model: VisionMamba) -> dict[str, Any]:
+    """The keyword arguments of `model` that `convert_official_vim` uses."""
+    return {"img_size": model.img_size, "patch_size": model.patch_size}
 
 
 def checkpoint_filter_fn(state_dict: dict, model: VisionMamba) -> dict:
-    """Official Vim state dict -> this model's: unwrap, rename, resize pos_embed around the class token,
-    and drop a head whose shape does not match the model's."""
-    state_dict = _unwrap(state_dict)
-    key_map = official_vim_key_map(len(model.layers))
-    out = {}
-    for k, v in state_dict.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        out[key_map.get(k, k)] = v
-    if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
-        m_old = out["pos_embed"].shape[1] - 1
-        side = math.isqrt(m_old)
-        if side * side != m_old:
-            raise ValueError(f"checkpoint pos_embed of shape {tuple(out['pos_embed'].shape)} is not a square "
-                             "grid plus one class token; resize it with resize_pos_embed_mid_cls")
-        out["pos_embed"] = resize_pos_embed_mid_cls(out["pos_embed"], (side, side), model.grid_size)
+    """timm's `pretrained_filter_fn`: a checkpoint file as timm read it -> weights for `model`, through
+    `convert_official_vim`; a head of another size is dropped, for timm to initialise a new one."""
+    out = convert_official_vim(unwrap_state_dict(state_dict), _vim_config(model))
     head = model.head
     for name in ("head.weight", "head.bias"):
         param = getattr(head, name.split(".")[1], None) if isinstance(head, nn.Linear) else None
@@ -431,31 +392,7 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionMamba) -> dict:
     return out
 
 
-def load_official_vim(model: VisionMamba, path_or_state_dict, strict: bool = True, weights_only: bool = True):
-    """Load an official Vim checkpoint (a local path or a state dict) into `model`.
-
-    Accepts the raw state dict or the training checkpoint (`{"model": ...}`), `module.` prefixes, a
-    checkpoint trained at another resolution (pos_embed resized around the middle class token) and a
-    head of another size (kept from `model`; then reported as missing). Returns load_state_dict's result.
-    The official training checkpoints also pickle the run's arguments; such a file only loads with
-    `weights_only=False`, which runs pickle code: use it for files you trust.
-    """
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        try:
-            path_or_state_dict = torch.load(path_or_state_dict, map_location="cpu", weights_only=weights_only)
-        except Exception as err:  # noqa: BLE001 - pickle errors come in several types
-            if not weights_only:
-                raise
-            raise ValueError(f"could not load {os.fspath(path_or_state_dict)!r} with weights_only=True ({err}); "
-                             "if you trust the file, pass weights_only=False") from err
-    sd = checkpoint_filter_fn(path_or_state_dict, model)
-    head_dropped = isinstance(model.head, nn.Linear) and "head.weight" not in sd
-    result = model.load_state_dict(sd, strict=strict and not head_dropped)
-    if strict and head_dropped:
-        missing = [k for k in result.missing_keys if not k.startswith("head.")]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"load_official_vim: missing keys {missing}, unexpected keys {result.unexpected_keys}")
-    return result
+register_official("vim", VisionMamba, convert_official_vim, config_of=_vim_config, head="head.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,37 +435,5 @@ def vim_base(**overrides) -> VisionMamba:
     return _build("vim_base", overrides)
 
 
-# timm registration: timm looks up `default_cfgs` in this module while decorating the entrypoints.
-from timm.models import build_model_with_cfg, generate_default_cfgs  # noqa: E402
-from timm.models import register_model as timm_register_model  # noqa: E402
-
-
-default_cfgs = generate_default_cfgs(
-    {f"ssmkit_{n}": timm_cfg(first_conv="patch_embed.proj", paper_ids="arXiv:2401.09417") for n in VIM_CONFIGS})
-
-
-def _timm_build(name: str, pretrained: bool, kwargs: dict) -> VisionMamba:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(VisionMamba, f"ssmkit_{name}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-                                **{**VIM_CONFIGS[name], **kwargs})
-
-
-@timm_register_model
-def ssmkit_vim_tiny(pretrained: bool = False, **kwargs) -> VisionMamba:
-    return _timm_build("vim_tiny", pretrained, kwargs)
-
-
-@timm_register_model
-def ssmkit_vim_small(pretrained: bool = False, **kwargs) -> VisionMamba:
-    return _timm_build("vim_small", pretrained, kwargs)
-
-
-@timm_register_model
-def ssmkit_vim_base(pretrained: bool = False, **kwargs) -> VisionMamba:
-    return _timm_build("vim_base", pretrained, kwargs)
-
-
-@timm_register_model
-def ssmkit_vim_micro(pretrained: bool = False, **kwargs) -> VisionMamba:
-    return _timm_build("vim_micro", pretrained, kwargs)
+register_timm_family(VIM_CONFIGS, _build, first_conv="patch_embed.proj", paper_ids="arXiv:2401.09417",
+                     pretrained_filter_fn=checkpoint_filter_fn)

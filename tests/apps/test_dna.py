@@ -105,7 +105,8 @@ def test_finetune_from_an_official_checkpoint_and_table_data(tmp_path, capsys):
     # a checkpoint of another size is refused, naming it
     assert cli.main(["dna", "finetune", "--model-kwargs", "d_model=32,d_inner=32,n_layer=1", *flags,
                      "--overwrite"]) == 1
-    assert "official does not fit hyenadna_tiny_1k d_model=32" in capsys.readouterr().err
+    assert ("official: does not fit hyenadna_tiny_1k (n_classes=2, pooling='mean', d_model=32, d_inner=32, "
+            "n_layer=1): shape mismatches") in capsys.readouterr().err
     # classes that differ between train and test
     test.write_text("sequence,label\nACGT,a\nACGT,c\n")
     assert cli.main(["dna", "finetune", *SIZE, *flags, "--overwrite"]) == 1
@@ -117,6 +118,31 @@ def test_finetune_from_an_official_checkpoint_and_table_data(tmp_path, capsys):
     assert "a sequence of 1100 bases is longer than the model's l_max 1026" in capsys.readouterr().err
     assert cli.main(["dna", "finetune", *flags, "--overwrite", "--max-len", "2000"]) == 2
     assert "max_len 2000 does not fit the model's l_max 1026" in capsys.readouterr().err
+
+
+def test_embed_with_official_weights(tmp_path, capsys):
+    """`dna embed --official`: the checkpoint's own sizes, no run folder needed; a bad file is one line naming it."""
+    torch.manual_seed(0)
+    from ssmkit.genomics.hyenadna import HyenaDNAConfig, pool
+    from ssmkit.genomics.tokenizer import CharTokenizer
+
+    lm = HyenaDNALM(HyenaDNAConfig(d_model=16, n_layer=1, d_inner=32, l_max=66)).eval()
+    torch.save({"state_dict": {"model." + k: v for k, v in lm.state_dict().items()}}, tmp_path / "weights.ckpt")
+    fasta = tmp_path / "seqs.fa"
+    fasta.write_text(">a\nACGTACGTAA\n>b\nGGGCCCAT\n")
+    out = tmp_path / "emb.npy"
+    assert cli.main(["dna", "embed", "--official", str(tmp_path / "weights.ckpt"), "--input", str(fasta),
+                     "--output", str(out), "--out-dir", str(tmp_path)]) == 0
+    tok = CharTokenizer()
+    with torch.no_grad():
+        expected = [pool(lm.backbone(tok.encode(seq)[None]), None, "mean")[0].numpy()
+                    for seq in ("ACGTACGTAA", "GGGCCCAT")]
+    np.testing.assert_allclose(np.load(out), np.stack(expected), rtol=1e-5, atol=1e-6)
+    (tmp_path / "broken.ckpt").write_text("not a checkpoint")
+    capsys.readouterr()
+    assert cli.main(["dna", "embed", "--official", str(tmp_path / "broken.ckpt"), "--input", str(fasta),
+                     "--out-dir", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'broken.ckpt'}: not a readable PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_demo_smoke_section_renders(tmp_path, capsys):

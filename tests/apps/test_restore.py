@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ssmkit
 import ssmkit.apps.cli as cli
 from ssmkit.apps.application import RunContext
 from ssmkit.apps.restore import RestoreRun, RestoreTrain, _baseline, application, run
@@ -150,6 +151,41 @@ def test_bad_input_gives_clear_errors(tmp_path, images, capsys):
     assert cli.main(["restore", "train", *base, "--gt-patch", "15"]) == 2
     assert cli.main(["restore", "run", "--out-dir", str(tmp_path / "run"), "--input", str(tmp_path / "nothing.png"),
                      "--weights", str(tmp_path / "none.safetensors")]) == 1
+
+
+# ssmkit name -> official MaIR name (mair_arch.py), applied in order
+_TO_OFFICIAL = (("embed_norm.", "patch_embed.norm."), (".mixer.ssa.proj.", ".self_attention.gating.gating.1."),
+                (".mixer.", ".self_attention."), (".mlp.", ".conv_blk."), (".norm1.", ".ln_1."), (".norm2.", ".ln_2."))
+
+
+def _official_name(key: str) -> str:
+    parts = key.split(".")
+    if parts[0] == "groups":
+        inner = "residual_group." if parts[2] == "blocks" else ""
+        key = f"layers.{parts[1]}.{inner}{'.'.join(parts[2:])}"
+    for ours, theirs in _TO_OFFICIAL:
+        key = key.replace(ours, theirs)
+    return key[: -len("skip_scale1")] + "skip_scale" if key.endswith("skip_scale1") else key
+
+
+def test_official_weights_run_without_a_run(tmp_path, images, capsys):
+    """`--official-weights` loads a BasicSR checkpoint of the official code into the configured model."""
+    torch.manual_seed(0)
+    kwargs = "embed_dim=8,depths=(1,),d_state=2"
+    source = ssmkit.create_model("mair_micro_sr_x2", embed_dim=8, depths=(1,), d_state=2)
+    path = tmp_path / "MaIR_x2.pth"
+    torch.save({"params": {_official_name(k): v for k, v in source.state_dict().items()}}, path)
+    cfg = RestoreRun(out_dir=str(tmp_path), model_kwargs=kwargs, official_weights=str(path), input="x")
+    loaded = application.build_model(RunContext(cfg, {}))
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.state_dict().items())
+    flags = ["--out-dir", str(tmp_path), "--model-kwargs", kwargs, "--input", str(images / "odd.png")]
+    assert cli.main(["restore", "run", *flags, "--official-weights", str(path)]) == 0
+    with Image.open(tmp_path / "restored" / "odd.png") as im:
+        assert im.size == (54, 38)
+    (tmp_path / "broken.pth").write_text("not a checkpoint")
+    capsys.readouterr()
+    assert cli.main(["restore", "run", *flags, "--official-weights", str(tmp_path / "broken.pth")]) == 1
+    assert f"{tmp_path / 'broken.pth'}: not a readable PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_demo_smoke_section_renders(tmp_path, capsys):

@@ -15,7 +15,7 @@ from ssmkit.apps.application import RunContext, eval_config
 from ssmkit.apps.config import ConfigError, build_config
 from ssmkit.apps.run_folder import atomic_write, load_weights
 from ssmkit.apps.runner import EpochBatches, Runner, evaluate_run, parameter_groups, warmup_cosine
-from ssmkit.errors import RunError
+from ssmkit.errors import CheckpointError, RunError
 from tinyapp import TinyApp, TinyConfig
 
 TINYAPP = Path(__file__).with_name("tinyapp.py")
@@ -256,7 +256,7 @@ def test_refuses_to_resume_another_models_checkpoint(tmp_path):
         train(tmp_path, steps=8, width=8, resume=True)
     with pytest.raises(RunError, match=r"with --batch-size 8 \(the run's: 16\)"):
         train(tmp_path, steps=4, batch_size=8, resume=True)
-    with pytest.raises(RunError, match="does not fit this TinyNet"):
+    with pytest.raises(CheckpointError, match="model.safetensors does not fit this TinyNet"):
         load_weights(TinyApp().build_model(RunContext(TinyConfig(width=8), {})), tmp_path / "model.safetensors")
 
 

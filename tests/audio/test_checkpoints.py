@@ -1,6 +1,7 @@
 """Official SaShiMi checkpoints: an official-layout state dict written here from an ssmkit model by an
 independent inverse mapping (weight-norm split, (channel, sample) pool order, C̃ = C(I − Āᴸ), inv_dt under
 both transforms, leading singleton dims) must load back to the same logits."""
+import dataclasses
 import json
 import math
 
@@ -9,9 +10,10 @@ import soundfile as sf
 import torch
 
 import ssmkit.apps.cli as cli
-from ssmkit.audio.checkpoints import convert_official_sashimi, load_official_sashimi
+from ssmkit.audio.checkpoints import convert_official_sashimi, official_sashimi_config
 from ssmkit.errors import CheckpointError
 from ssmkit.audio.sashimi import SashimiLM, ScalarNorm
+from ssmkit.registry import load_official
 
 
 def _tiny(norm="scalar", n_ssm=1, seed=0):
@@ -86,15 +88,23 @@ def _official(model, dt_transform="softplus", lengths=(12, 0)):
     return {k: v.detach().clone() for k, v in out.items()}
 
 
+def _converted(state, dt_transform="softplus"):
+    """A float64 SashimiLM holding `state`, through the pure functions (strict load_state_dict)."""
+    config = official_sashimi_config(state)
+    model = SashimiLM(config).double()
+    model.load_state_dict(convert_official_sashimi(state, config, dt_transform))
+    return model.eval()
+
+
 @pytest.mark.parametrize("dt_transform", ["softplus", "exp"])
 @pytest.mark.parametrize("norm,n_ssm", [("scalar", 1), ("layer", None)])
 def test_official_layout_loads_back_to_the_same_logits(dt_transform, norm, n_ssm):
     model = _tiny(norm, n_ssm)
     tokens = torch.randint(0, 256, (2, 32))
-    loaded = convert_official_sashimi(_official(model, dt_transform), dt_transform).eval()
-    assert loaded.config == model.config
+    state = _official(model, dt_transform)
+    assert official_sashimi_config(state) == model.config
     with torch.no_grad():
-        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=1e-5)
+        torch.testing.assert_close(_converted(state, dt_transform)(tokens), model(tokens), rtol=0, atol=1e-5)
 
 
 def test_the_wrong_dt_transform_or_a_missing_c_correction_changes_the_logits():
@@ -103,46 +113,53 @@ def test_the_wrong_dt_transform_or_a_missing_c_correction_changes_the_logits():
     state = _official(model, "softplus")
     with torch.no_grad():
         reference = model(tokens)
-        assert (convert_official_sashimi(state, "exp")(tokens) - reference).abs().max() > 1e-4  # test tolerance: 1e-5
+        assert (_converted(state, "exp")(tokens) - reference).abs().max() > 1e-4  # test tolerance: 1e-5
         state["model.c_layers.0.layer.layer.kernel.l_kernel"] = torch.tensor(0)  # C̃ taken for C
-        assert (convert_official_sashimi(state, "softplus")(tokens) - reference).abs().max() > 1e-4
+        assert (_converted(state, "softplus")(tokens) - reference).abs().max() > 1e-4
 
 
-def test_files_lightning_checkpoints_and_float32(tmp_path):
+def test_load_official_by_family_name_and_model_from_files(tmp_path):
     model = _tiny()
     state = _official(model)
     torch.save({k: v.float() for k, v in state.items()}, tmp_path / "sashimi.pt")
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "last.ckpt")
     tokens = torch.randint(0, 256, (1, 16))
+    sizes = dict(d_model=4, n_layers=1, d_state=4, norm="scalar")  # sashimi_sc09 at the tiny model's sizes
     with torch.no_grad():
         reference = model(tokens).float()
         for name in ("sashimi.pt", "last.ckpt"):
-            loaded = load_official_sashimi(tmp_path / name)
-            assert not loaded.training and loaded.head.weight.dtype == torch.float32
-            torch.testing.assert_close(loaded(tokens), reference, rtol=0, atol=1e-4)
+            loaded = load_official("sashimi", tmp_path / name)  # sizes from the checkpoint
+            assert loaded.config == model.config and loaded.head.weight.dtype == torch.float32
+            torch.testing.assert_close(loaded.eval()(tokens), reference, rtol=0, atol=1e-4)
+        named = load_official("sashimi_sc09", tmp_path / "sashimi.pt", **sizes).eval()
+        torch.testing.assert_close(named(tokens), reference, rtol=0, atol=1e-4)
+        into = load_official(SashimiLM(model.config), tmp_path / "sashimi.pt", dt_transform="softplus").eval()
+        torch.testing.assert_close(into(tokens), reference, rtol=0, atol=1e-4)
 
 
 def test_bad_checkpoints_name_the_file_and_the_key(tmp_path):
     state = _official(_tiny())
+
+    def refused(name, saved, pattern):
+        if saved is not None:
+            torch.save(saved, tmp_path / name)
+        with pytest.raises(CheckpointError, match=pattern) as error:
+            load_official("sashimi", tmp_path / name)
+        assert str(error.value).startswith(f"{tmp_path / name}: ") and "\n" not in str(error.value)
+
     missing = dict(state)
     del missing["model.u_layers.1.1.layer.layer.kernel.P"]
-    torch.save(missing, tmp_path / "missing.pt")
-    key = r"'model\.u_layers\.1\.1\.layer\.layer\.kernel\.P'"
-    with pytest.raises(CheckpointError, match=r"missing\.pt: missing key " + key):
-        load_official_sashimi(tmp_path / "missing.pt")
-    wrong = dict(state)
-    wrong["model.c_layers.1.layer.ff.2.bias"] = torch.zeros(5)
-    with pytest.raises(CheckpointError, match=r"'model\.c_layers\.1\.layer\.ff\.2\.bias' has shape \(5,\)"):
-        load_official_sashimi(wrong)
-    with pytest.raises(CheckpointError, match=r"unexpected keys \['model\.extra'\]"):
-        load_official_sashimi({**state, "model.extra": torch.zeros(1)})
-    with pytest.raises(CheckpointError, match="no such file"):
-        load_official_sashimi(tmp_path / "absent.pt")
+    refused("missing.pt", missing, r"missing\.pt: missing key 'model\.u_layers\.1\.1\.layer\.layer\.kernel\.P'$")
+    refused("wrong.pt", {**state, "model.c_layers.1.layer.ff.2.bias": torch.zeros(5)},
+            r"wrong\.pt: key 'model\.c_layers\.1\.layer\.ff\.2\.bias' has shape \(5,\)")
+    refused("extra.pt", {**state, "model.extra": torch.zeros(1)}, r"extra\.pt: unexpected keys \['model\.extra'\]$")
+    refused("absent.pt", None, r"absent\.pt: no such file$")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"junk\.pt: not a tensors-only torch file"):
-        load_official_sashimi(tmp_path / "junk.pt")
-    with pytest.raises(CheckpointError, match="V3"):
-        load_official_sashimi({"model.c_layers.0.layer.kernel.kernel.log_dt": torch.zeros(4)})
+    refused("junk.pt", None, r"junk\.pt: not a readable PyTorch checkpoint")
+    refused("v3.pt", {"model.c_layers.0.layer.kernel.kernel.log_dt": torch.zeros(4)}, r"v3\.pt: a V3")
+    torch.save(state, tmp_path / "sashimi.pt")  # scalar norms, loaded into a model with LayerNorms
+    with pytest.raises(CheckpointError, match=r"sashimi\.pt: missing key 'model\.c_layers\.0\.norm\.norm\.weight'"):
+        load_official(SashimiLM(dataclasses.replace(_tiny().config, norm="layer")), tmp_path / "sashimi.pt")
 
 
 def test_channel_interleaved_state_sharing_is_refused():
@@ -152,7 +169,9 @@ def test_channel_interleaved_state_sharing_is_refused():
     for key in [k for k in state if k.endswith((".B", ".P"))]:
         state[key] = state[key].repeat(1, 2, 1, 1)
     with pytest.raises(CheckpointError, match="n_ssm = 2"):
-        load_official_sashimi(state)
+        official_sashimi_config(state)
+    with pytest.raises(CheckpointError, match="n_ssm = 2"):
+        convert_official_sashimi(state, dataclasses.replace(_tiny().config, n_ssm=2))
 
 
 def test_scalar_norm_is_the_direct_formula():

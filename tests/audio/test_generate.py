@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from ssmkit.audio.generate import Stepper, generate, naive_generate, sample_next
+from ssmkit.audio.data import MU_LAW_ZERO
+from ssmkit.audio.generate import Stepper, generate, naive_generate
 from ssmkit.audio.sashimi import SashimiLM
+from ssmkit.core.generation import sample
 
 
 @pytest.fixture(scope="module")
@@ -20,20 +22,25 @@ def test_cached_generation_equals_naive_recompute(model, temperature, top_p):
     torch.testing.assert_close(fast.log_likelihood, slow.log_likelihood)
 
 
-def _stepped_logits(model, tokens, step):
+def test_generation_is_core_sampling_over_the_fast_stepper(model):
+    """`generate` samples through core's `sample` from the start token: the same loop over the model's
+    reference step gives the same tokens and log-likelihoods."""
+    prime = torch.randint(0, 256, (2, 5))
+    fast = generate(model, 2, 20, 0.9, 0.95, seed=2, prime=prime)
+    reference = sample(model, torch.cat([torch.full((2, 1), MU_LAW_ZERO), prime], 1), 21, 0.9, 0.95, seed=2)
+    assert torch.equal(fast.tokens, reference.tokens[:, 1:])
+    torch.testing.assert_close(fast.log_likelihood, reference.log_likelihood)
+
+
+def _stepped_logits(stepper, tokens, state=None):
+    """Logits (batch, L, n_classes) of stepping `stepper` (a `SashimiLM` or a `Stepper`) through tokens."""
+    state = stepper.init_state(tokens.shape[0]) if state is None else state
+    logits = []
     with torch.no_grad():
-        return torch.stack([step(tokens[:, t]) for t in range(tokens.shape[1])], 1)
-
-
-def _reference_step(model, batch):
-    model.setup_step()
-    state = model.default_state(batch)
-
-    def step(tokens):
-        nonlocal state
-        logits, state = model.step(tokens, state)
-        return logits
-    return step
+        for t in range(tokens.shape[1]):
+            out, state = stepper.step(tokens[:, t], state)
+            logits.append(out)
+    return torch.stack(logits, 1)
 
 
 @pytest.mark.parametrize("kernel,n_ssm,pool", [("dplr", 1, (4, 4)), ("dplr", None, (4, 4)), ("s4d", None, (4, 4)),
@@ -45,8 +52,8 @@ def test_fast_stepper_equals_the_reference_step_in_fp32(kernel, n_ssm, pool):
     torch.manual_seed(0)
     model = SashimiLM(d_model=8, n_layers=2, d_state=8, kernel=kernel, n_ssm=n_ssm, pool=pool).eval()
     tokens = torch.randint(0, 256, (3, 64))
-    fast = _stepped_logits(model, tokens, Stepper(model, 3))
-    reference = _stepped_logits(model, tokens, _reference_step(model, 3))
+    fast = _stepped_logits(Stepper(model), tokens)
+    reference = _stepped_logits(model, tokens)
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
 
 
@@ -54,29 +61,30 @@ def test_compiled_generation_equals_eager_and_follows_weight_updates():
     torch.manual_seed(0)
     model = SashimiLM(d_model=4, n_layers=1, d_state=4, kernel="dplr", pool=(4,)).eval()  # two stages to compile
     tokens = torch.randint(0, 256, (2, 32))
-    eager = _stepped_logits(model, tokens, Stepper(model, 2))
-    torch.testing.assert_close(_stepped_logits(model, tokens, Stepper(model, 2, compile=True)), eager,
-                               rtol=0, atol=1e-5)
+    eager = _stepped_logits(Stepper(model), tokens)
+    torch.testing.assert_close(_stepped_logits(Stepper(model, compile=True), tokens), eager, rtol=0, atol=1e-5)
     with torch.no_grad():
         model.head.bias.add_(1.0)  # compiled graphs hold frozen weights: a change must rebuild them
-    torch.testing.assert_close(_stepped_logits(model, tokens, Stepper(model, 2, compile=True)),
-                               _stepped_logits(model, tokens, Stepper(model, 2)), rtol=0, atol=1e-5)
-    assert not torch.allclose(_stepped_logits(model, tokens, Stepper(model, 2)), eager)
+    torch.testing.assert_close(_stepped_logits(Stepper(model, compile=True), tokens),
+                               _stepped_logits(Stepper(model), tokens), rtol=0, atol=1e-5)
+    assert not torch.allclose(_stepped_logits(Stepper(model), tokens), eager)
 
 
 def test_compiled_stepper_does_not_recompile_while_stepping():
-    """Graphs are made for the batch, strides and thread count a `Stepper` steps with: strided token slices
-    (as `generate` passes them) and a changed torch thread count must not trigger a compile mid-generation."""
+    """Graphs are made for the batch, strides and thread count a `Stepper` state is started with: strided
+    token slices (as `generate` passes them) and a changed torch thread count must not trigger a compile
+    mid-generation."""
     torch.manual_seed(0)
     model = SashimiLM(d_model=4, n_layers=1, d_state=4, kernel="dplr", pool=(2,)).eval()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        step = Stepper(model, 1, compile=True)
+        step = Stepper(model, compile=True)
+        state = step.init_state(1)
         torch.set_num_threads(2)
         tokens = torch.randint(0, 256, (1, 16))
         with torch.compiler.set_stance("fail_on_recompile"):
-            _stepped_logits(model, tokens, step)
+            _stepped_logits(step, tokens, state)
     finally:
         torch.set_num_threads(previous)
 
@@ -95,20 +103,6 @@ def test_priming_and_log_likelihood(model):
 def test_seed_reproduces_and_differs(model):
     a, b, c = (generate(model, 2, 16, seed=s).tokens for s in (3, 3, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_sample_next_top_p_and_temperature():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4000))
-    g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(sample_next(logits, 1.0, 0.7, g), minlength=4)
-    assert counts[2] == 0 and counts[3] == 0 and abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03
-    counts = torch.bincount(sample_next(logits, 1.0, 1.0, g), minlength=4)
-    assert abs(counts[3] / 4000 - 0.05) < 0.015
-    assert (sample_next(logits[:3], 0.0, 1.0, g) == 0).all()
-    sharp = torch.bincount(sample_next(logits, 0.25, 1.0, g), minlength=4)
-    assert sharp[0] > 3400  # 0.5^4 / (0.5^4 + 0.3^4 + ...) ≈ 0.88
-    with pytest.raises(ValueError, match="top_p"):
-        sample_next(logits, 1.0, 0.0, g)
 
 
 def test_bad_arguments(model):

@@ -50,9 +50,7 @@ def test_step_equals_forward_for_the_language_model(kernel, glu):
     tokens = torch.randint(0, 256, (2, 48))
     with torch.no_grad():
         logits = model(tokens)
-        for _ in range(2):  # setup_step twice is harmless
-            model.setup_step()
-        state, steps = model.default_state(2), []
+        state, steps = model.init_state(2), []
         for t in range(48):
             out, state = model.step(tokens[:, t], state)
             steps.append(out)
@@ -70,8 +68,7 @@ def test_step_equals_forward_in_fp32_and_after_a_weight_update(norm):
     model.eval()
     with torch.no_grad():
         logits = model(tokens)
-        model.setup_step()
-        state, steps = model.default_state(1), []
+        state, steps = model.init_state(1), []
         for t in range(32):
             out, state = model.step(tokens[:, t], state)
             steps.append(out)

@@ -73,6 +73,24 @@ def test_split_sequence_with_carried_state_equals_whole(selective):
     torch.testing.assert_close(last2, last)
 
 
+@pytest.mark.parametrize("selective", [False, True])
+def test_init_state_steps_like_the_scan_from_zeros(selective):
+    """The zero state of init_state is (batch, P, 1, 1) and spreads over the frame at the first step."""
+    m = make_layer(selective)
+    u = torch.randn(2, 5, 3, 4, 3, dtype=f64)
+    state = m.init_state(2)
+    assert state.shape == (2, 4, 1, 1) and state.dtype == c128 and not state.any()
+    assert ConvS5Layer(3, 4).init_state(1).dtype == torch.complex64
+    with torch.no_grad():
+        y, last = m(u)
+        ys = []
+        for t in range(u.shape[1]):
+            y_t, state = m.step(u[:, t], state)
+            ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y)
+    torch.testing.assert_close(state, last)
+
+
 def test_gradcheck_scan():
     torch.manual_seed(2)
     P, U = 2, 1

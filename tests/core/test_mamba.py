@@ -9,8 +9,8 @@ from ssmkit.core.mamba import (
     FlipOrder,
     Mamba,
     MambaBlock,
-    MambaCache,
     MambaLM,
+    MambaState,
     SequenceOrder,
     StridedOrder,
     causal_conv1d,
@@ -138,8 +138,13 @@ def test_mambapy_oracle():
 # one-step generation
 
 
-def _run_steps(step, xs):
-    return torch.stack([step(xs[:, t]) for t in range(xs.shape[1])], dim=1)
+def _step_through(module, xs, state):
+    """Outputs of `module.step` over xs[:, t] from `state`, the state passed on from step to step."""
+    ys = []
+    for t in range(xs.shape[1]):
+        y, state = module.step(xs[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -149,13 +154,14 @@ def test_step_matches_forward(dtype, tol, backend, biases):
     torch.manual_seed(3)
     m = Mamba(D_MODEL, d_state=N_STATE, backend=backend, bias=biases, conv_bias=not biases, dtype=dtype)
     x = torch.randn(3, 10, D_MODEL, dtype=dtype)
-    cache = m.allocate_cache(3)
-    assert isinstance(cache, MambaCache)
-    assert cache.conv_state.shape == (3, 32, 4) and cache.ssm_state.shape == (3, 32, N_STATE)
-    assert cache.ssm_state.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    state = m.init_state(3)
+    assert isinstance(state, MambaState)
+    assert state.conv_state.shape == (3, 32, 4) and state.ssm_state.shape == (3, 32, N_STATE)
+    assert state.conv_state.dtype == dtype
+    assert state.ssm_state.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(_run_steps(lambda t: m.step(t, cache), x), m(x), rtol=tol, atol=tol)
-        y3 = m.step(x[:, :1], m.allocate_cache(3))  # (batch, 1, d_model) keeps its rank
+        torch.testing.assert_close(_step_through(m, x, state), m(x), rtol=tol, atol=tol)
+        y3, _ = m.step(x[:, :1], m.init_state(3))  # (batch, 1, d_model) keeps its rank
     assert y3.shape == (3, 1, D_MODEL)
 
 
@@ -170,15 +176,13 @@ def test_block_stack_step_matches_forward():
         hidden, residual = x, None
         for blk in blocks:
             hidden, residual = blk(hidden, residual)
-        caches = [blk.mixer.allocate_cache(2) for blk in blocks]
-
-        def step(x_t):
-            h, r = x_t, None
-            for blk, cache in zip(blocks, caches):
-                h, r = blk.step(h, r, cache)
-            return h + r
-
-        torch.testing.assert_close(_run_steps(step, x), hidden + residual, rtol=1e-10, atol=1e-10)
+        states, streams = [blk.init_state(2) for blk in blocks], []
+        for t in range(x.shape[1]):
+            h_r = (x[:, t], None)
+            for i, blk in enumerate(blocks):
+                h_r, states[i] = blk.step(h_r, states[i])
+            streams.append(h_r[0] + h_r[1])
+        torch.testing.assert_close(torch.stack(streams, 1), hidden + residual, rtol=1e-10, atol=1e-10)
 
 
 def test_block_is_add_norm_mixer():
@@ -218,8 +222,7 @@ def test_lm_step_matches_forward_and_init():
     with torch.no_grad():
         logits = lm(ids)
         assert logits.shape == (2, 9, 13)
-        caches = lm.allocate_cache(2)
-        stepped = torch.stack([lm.step(ids[:, t], caches) for t in range(9)], dim=1)
+        stepped = _step_through(lm, ids, lm.init_state(2))
     torch.testing.assert_close(stepped, logits, rtol=1e-10, atol=1e-10)
 
     # mamba_ssm's _init_weights: embedding N(0, 0.02); out_proj kaiming-uniform / sqrt(n_layer);
@@ -300,8 +303,29 @@ def test_flip_branch_is_bidirectional():
 
 def test_step_refuses_non_causal_branch():
     m = Mamba(D_MODEL, d_state=N_STATE, branch_order="flip")
-    with pytest.raises(RuntimeError, match="causal"):
-        m.step(torch.randn(2, D_MODEL), m.allocate_cache(2))
+    with pytest.raises(RuntimeError, match="no recurrent step"):
+        m.init_state(2)
+    with pytest.raises(RuntimeError, match="no recurrent step"):
+        m.step(torch.randn(2, D_MODEL), Mamba(D_MODEL, d_state=N_STATE).init_state(2))
+
+
+def test_branch_order_passed_per_call():
+    """forward(x, branch_order=...) scans that call's second branch in the given order, as a mixer built
+    with that order does, and leaves the built order in place; a mixer without a second branch refuses it."""
+    torch.manual_seed(11)
+    m = Mamba(D_MODEL, d_state=N_STATE, branch_order="flip", divide_out=False, dtype=torch.float64)
+    strided = Mamba(D_MODEL, d_state=N_STATE, branch_order=StridedOrder(3), divide_out=False, dtype=torch.float64)
+    strided.load_state_dict(m.state_dict())
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    torch.testing.assert_close(m(x, branch_order=StridedOrder(3)), strided(x), rtol=0, atol=0)
+    torch.testing.assert_close(strided(x, branch_order="flip"), m(x), rtol=0, atol=0)
+    assert isinstance(m.branch_order, FlipOrder) and isinstance(strided.branch_order, StridedOrder)
+    block = MambaBlock(D_MODEL, mixer=m).double()
+    torch.testing.assert_close(block(x, branch_order=StridedOrder(3))[0], strided(block.norm(x)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no second branch"):
+        Mamba(D_MODEL, d_state=N_STATE)(x.float(), branch_order="flip")
+    with pytest.raises(ValueError, match="branch_order must be"):
+        m(x, branch_order="reverse")
 
 
 def test_strided_order_indices():
@@ -386,7 +410,7 @@ def test_bad_input_names_the_shape():
     with pytest.raises(ValueError, match=r"\(5, 16\)"):
         m(torch.randn(5, D_MODEL))
     with pytest.raises(ValueError, match=r"\(2, 3, 16\)"):
-        m.step(torch.randn(2, 3, D_MODEL), m.allocate_cache(2))
+        m.step(torch.randn(2, 3, D_MODEL), m.init_state(2))
     with pytest.raises(ValueError, match=r"\(2, 3, 4\)"):
         MambaLM(10, D_MODEL, 1)(torch.zeros(2, 3, 4, dtype=torch.long))
 
@@ -407,7 +431,6 @@ def test_gpu_forward_step_and_gradients_match_cpu():
     got.square().mean().backward()
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5, msg=name)
-    caches = gpu.allocate_cache(2)
     with torch.no_grad():
-        steps = torch.stack([gpu.step(ids[:, t].cuda(), caches) for t in range(40)], 1)
+        steps = _step_through(gpu, ids.cuda(), gpu.init_state(2))
     torch.testing.assert_close(steps.cpu(), want.detach(), rtol=1e-4, atol=1e-4)

@@ -106,8 +106,7 @@ def test_s4conv_gradcheck_through_the_kernel(kind):
 
 
 def _step_all(layer, u):
-    layer.setup_step()
-    state, ys = layer.default_state(u.shape[0]), []
+    state, ys = layer.init_state(u.shape[0]), []
     for t in range(u.shape[-1]):
         y, state = layer.step(u[..., t], state)
         ys.append(y)
@@ -126,14 +125,33 @@ def test_step_equals_convolution(kernel, kw):
         torch.testing.assert_close(_step_all(layer, u.double()), layer(u.double()), rtol=0, atol=1e-11)
 
 
-def test_step_needs_setup_and_sees_weight_updates():
-    layer = S4Conv(2, 4).double()
+@pytest.mark.parametrize("kernel", ["s4d", "dplr"])
+def test_a_state_carries_the_weights_it_was_started_with(kernel):
+    """init_state takes the step coefficients from the current weights: a state started after an update
+    steps like the updated forward, one started before it keeps the old weights' recurrence."""
+    torch.manual_seed(2)
+    layer = S4Conv(2, 4, kernel=kernel).double()
     u = torch.randn(1, 2, 5, dtype=f64)
-    with pytest.raises(RuntimeError, match="setup_step"):
-        layer.step(u[..., 0], layer.default_state(1))
     with torch.no_grad():
+        before, old_state = layer(u), layer.init_state(1)
         layer.kernel.log_dt.add_(0.5)
         torch.testing.assert_close(_step_all(layer, u), layer(u))
+        ys = []
+        for t in range(u.shape[-1]):
+            y, old_state = layer.step(u[..., t], old_state)
+            ys.append(y)
+        torch.testing.assert_close(torch.stack(ys, -1), before)
+        assert not torch.allclose(layer(u), before)
+
+
+def test_step_state_shapes_dtype_and_bad_input():
+    layer = S4Conv(3, 8, kernel="dplr")
+    state = layer.init_state(2, dtype=f64)
+    assert state.x.shape == (2, 3, 2, 4) and state.x.dtype == f64  # the N/2 stored modes, [Re; Im]
+    assert state.coefficients.read.shape == (3, 2, 2, 4) and state.coefficients.direct.dtype == f64
+    assert S4Conv(3, 8).init_state(1).coefficients.low_rank is None  # S4D: no rank-1 term
+    with pytest.raises(ValueError, match=r"S4Conv.step expects \(batch, 3\), got \(2, 4\)"):
+        layer.step(torch.randn(2, 4), layer.init_state(2))
 
 
 def test_hurwitz_eigenvalues_stay_stable_after_training_steps():

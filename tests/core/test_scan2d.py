@@ -163,8 +163,8 @@ def test_mamba2d_shapes_and_backward():
     y.square().mean().backward()
     assert x.grad.shape == x.shape and all(p.grad is not None for p in m.parameters())
     assert {n for n, _ in m.named_parameters()} >= {"in_proj.weight", "conv2d.weight", "x_proj.weight",
-                                                     "dt_proj.weight", "dt_proj.bias", "A_log", "D",
-                                                     "out_proj.weight"}
+                                                    "dt_proj.weight", "dt_proj.bias", "A_log", "D",
+                                                    "out_proj.weight"}
     torch.testing.assert_close(m(x.flatten(1, 2), hw=(5, 3)), y.flatten(1, 2))
 
 

@@ -8,7 +8,7 @@ from ssmkit.genomics.tokenizer import CharTokenizer, reverse_complement, reverse
 
 TINY = HyenaDNAConfig(d_model=8, n_layer=2, d_inner=16, l_max=40, filter_order=8)
 
-# computed from the published configs (research note, section 2.1); the embedding has 16 rows
+# computed from the published configs (the official config.json files); the embedding has 16 rows
 PUBLISHED = {"hyenadna_tiny_1k": 436_096, "hyenadna_tiny_1k_d256": 1_641_088, "hyenadna_small_32k": 3_277_568,
              "hyenadna_medium_160k": 6_550_528, "hyenadna_medium_450k": 6_550_528, "hyenadna_large_1m": 6_550_528}
 

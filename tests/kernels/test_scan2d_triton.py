@@ -3,7 +3,7 @@ closed-form oracle in tests/core/test_scan2d.py), forward and backward.
 
 Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) on tiny
 grids, with bands of K = ceil(sqrt(H)) rows so that band boundaries are crossed; with a GPU the `gpu` tests
-add the issue's size.
+add Vim-sized shapes.
 """
 from __future__ import annotations
 

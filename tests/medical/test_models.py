@@ -7,7 +7,8 @@ import torch
 
 import ssmkit
 from ssmkit.core.mamba import Mamba, StridedOrder
-from ssmkit.medical.mambamil import MambaMIL, MambaMIL2D, grid_positions, load_reference_weights
+from ssmkit.errors import CheckpointError
+from ssmkit.medical.mambamil import MambaMIL, MambaMIL2D, grid_positions
 
 NAMES = ("mambamil", "mambamil_2d", "abmil", "transmil_lite", "meanmil", "maxmil")
 SMALL = {"mambamil": dict(d_model=16, n_layers=1), "mambamil_2d": dict(d_model=16, n_layers=1),
@@ -129,11 +130,12 @@ def test_reference_checkpoint_loads_from_local_file(tmp_path):
     torch.manual_seed(0)
     state = {f"module.{k}": torch.randn(shape) for k, shape in keys.items()}
     torch.save(state, tmp_path / "s_0_checkpoint.pt")
-    model = ssmkit.create_model("mambamil")
-    load_reference_weights(model, str(tmp_path / "s_0_checkpoint.pt"))
+    model = ssmkit.load_official(ssmkit.create_model("mambamil"), tmp_path / "s_0_checkpoint.pt")
     torch.testing.assert_close(model.layers[1][1].A_b_log, state["module.layers.1.1.A_b_log"])
-    with pytest.raises(ValueError, match="missing"):
-        load_reference_weights(ssmkit.create_model("mambamil", n_layers=3), str(tmp_path / "s_0_checkpoint.pt"))
+    by_name = ssmkit.load_official("mambamil", tmp_path / "s_0_checkpoint.pt")
+    torch.testing.assert_close(by_name.classifier.weight, state["module.classifier.weight"])
+    with pytest.raises(CheckpointError, match=r"s_0_checkpoint.pt: does not fit mambamil \(n_layers=3\): missing"):
+        ssmkit.load_official("mambamil", tmp_path / "s_0_checkpoint.pt", n_layers=3)
 
 
 def test_grid_positions():

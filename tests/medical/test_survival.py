@@ -37,7 +37,7 @@ def test_nll_loss_against_hand_values():
     assert loss.item() == pytest.approx(sum(per_patient) / 4)
     events_only = (per_patient[0] + per_patient[1]) / 4
     assert nll_survival_loss(logits, bins, cens, alpha=0.4).item() == pytest.approx(0.6 * sum(per_patient) / 4
-                                                                                     + 0.4 * events_only)
+                                                                                    + 0.4 * events_only)
     extreme = nll_survival_loss(torch.full((1, 4), 60.0), torch.tensor([3]), torch.tensor([1.0]))
     assert torch.isfinite(extreme)
 

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 import ssmkit
+from ssmkit.errors import DataError
 from ssmkit.vision.convs5 import ConvS5Config, ConvS5Predictor, convs5_moving_digits_tiny
+from ssmkit.vision.data import write_idx
 from ssmkit.vision.metrics import frame_ssim
-from ssmkit.vision.moving_digits import MovingDigits, load_digit_images, load_idx_images
+from ssmkit.vision.moving_digits import MovingDigits, load_digit_images
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +49,17 @@ def test_train_and_eval_splits_use_disjoint_images_and_digits_are_upsampled(imag
     assert torch.equal(torch.cat([train.images, evals.images]), images)
 
 
-def test_idx_reader(tmp_path):
-    data = (np.arange(2 * 3 * 4) % 256).astype(np.uint8)
-    header = (0x0803).to_bytes(4, "big") + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + (4).to_bytes(4, "big")
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + data.tobytes())
-    x = load_idx_images(tmp_path / "train-images-idx3-ubyte")
-    assert x.shape == (2, 3, 4) and x.flatten().tolist() == data.tolist()
-    fashion = load_digit_images(6, "auto", tmp_path)
-    assert fashion.shape == (2, 6, 6)
-    with pytest.raises(FileNotFoundError):
+def test_fashion_digits_from_idx_files(tmp_path):
+    """Fashion-MNIST digits come through the one IDX reader: exact at their own size, resized otherwise."""
+    data = (np.arange(2 * 4 * 4) * 7 % 256).astype(np.uint8).reshape(2, 4, 4)
+    write_idx(tmp_path / "train-images-idx3-ubyte", data)
+    torch.testing.assert_close(load_digit_images(4, "auto", tmp_path), torch.from_numpy(data).float() / 255.0)
+    assert load_digit_images(6, "fashion", tmp_path).shape == (2, 6, 6)
+    (tmp_path / "labels").mkdir()
+    write_idx(tmp_path / "labels" / "train-images-idx3-ubyte", data[:, 0])
+    with pytest.raises(DataError, match=r"holds an array of shape \(2, 4\), not \(n, rows, cols\)"):
+        load_digit_images(6, "fashion", tmp_path / "labels")
+    with pytest.raises(DataError, match="no Fashion-MNIST IDX file"):
         load_digit_images(6, "fashion", tmp_path / "missing")
 
 
@@ -100,7 +104,7 @@ def test_steps_equal_teacher_forced_forward(selective):
     m = tiny(selective=selective)
     x = torch.rand(2, 7, 1, 16, 16, dtype=torch.float64)
     full, last = m.condition(x)
-    states, outs = None, []
+    states, outs = m.init_state(2, dtype=torch.float64), []
     for t in range(7):
         out, states = m.step(x[:, t], states)
         outs.append(out)
@@ -117,6 +121,8 @@ def test_steps_equal_teacher_forced_forward(selective):
     # and continuing the parallel scan from the prefix's states gives them too
     cont, _ = m.condition(x[:, 4:], m.condition(x[:, :4])[1])
     torch.testing.assert_close(cont, full[:, 4:], rtol=1e-9, atol=1e-10)
+    # the zero state of init_state also starts the parallel scan
+    torch.testing.assert_close(m.condition(x, m.init_state(2, dtype=torch.float64))[0], full, rtol=0, atol=0)
 
 
 def test_autoregressive_rollout_feeds_predictions_back():

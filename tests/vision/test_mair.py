@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import ssmkit
 from ssmkit.core.scan import selective_scan
-from ssmkit.vision.mair import VMM, MaIR, load_official_mair, official_to_ssmkit_key
+from ssmkit.errors import CheckpointError
+from ssmkit.vision.mair import VMM, MaIR, convert_official_mair
 from ssmkit.vision.scan_orders import cross4, mair4
 
 TINY = dict(embed_dim=8, depths=(1, 2), d_state=2, ssm_ratio=1.5, mlp_ratio=2.0, scan_len=4, drop_path_rate=0.0)
@@ -155,33 +156,57 @@ def _official_state_dict(model: MaIR) -> dict:
     return {key: torch.randn(shape, generator=g) for key, shape in shapes.items()}
 
 
-def test_load_official_checkpoint_through_the_key_map(tmp_path):
+def test_convert_official_mair_maps_every_name():
     model = MaIR(upscale=2, **TINY)
     official = _official_state_dict(model)
-    assert {official_to_ssmkit_key(k) for k in official} == set(model.state_dict())
-    path = tmp_path / "MaIR_x2.pth"
-    torch.save({"params": {f"module.{k}": v for k, v in official.items()}}, path)
-    load_official_mair(model, path)
-    ours = model.state_dict()
-    assert torch.equal(ours["groups.1.blocks.1.mixer.ssa.proj.weight"],
+    converted = convert_official_mair(official, model.config)
+    assert converted.keys() == model.state_dict().keys()
+    assert torch.equal(converted["groups.1.blocks.1.mixer.ssa.proj.weight"],
                        official["layers.1.residual_group.blocks.1.self_attention.gating.gating.1.weight"])
-    assert torch.equal(ours["groups.0.blocks.0.skip_scale1"], official["layers.0.residual_group.blocks.0.skip_scale"])
-    assert torch.equal(ours["embed_norm.weight"], official["patch_embed.norm.weight"])
+    assert torch.equal(converted["groups.0.blocks.0.skip_scale1"], official["layers.0.residual_group.blocks.0.skip_scale"])
+    assert torch.equal(converted["embed_norm.weight"], official["patch_embed.norm.weight"])
+    model.load_state_dict(converted)  # strict: every shape fits too
+
+
+def test_load_official_mair_by_model_and_by_name(tmp_path):
+    model = MaIR(upscale=2, **TINY)
+    official = _official_state_dict(model)
+    path = tmp_path / "MaIR_x2.pth"
     ema = {k: v + 1 for k, v in official.items()}
-    load_official_mair(model, {"params": official, "params_ema": ema}, param_key="params_ema")
+    torch.save({"params": {f"module.{k}": v for k, v in official.items()}, "params_ema": ema}, path)
+    assert ssmkit.load_official(model, path) is model
+    assert torch.equal(model.state_dict()["norm.weight"], official["norm.weight"])
+    ssmkit.load_official(model, path, weights_key="params_ema")
     assert torch.equal(model.state_dict()["norm.weight"], ema["norm.weight"])
+    # by name at the published size
+    micro = ssmkit.create_model("mair_micro_sr_x2")
+    torch.save({"params": _official_state_dict(micro)}, tmp_path / "micro.pth")
+    named = ssmkit.load_official("mair_micro_sr_x2", tmp_path / "micro.pth").eval()
+    ssmkit.load_official(micro, tmp_path / "micro.pth")
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(named(x), micro.eval()(x), rtol=0, atol=0)
+
+
+def _one_line_error(call, path, pattern):
+    with pytest.raises(CheckpointError, match=pattern) as error:
+        call()
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
 
 
 def test_load_official_errors_name_the_file(tmp_path):
     official = _official_state_dict(MaIR(upscale=2, **TINY))
     path = tmp_path / "x4.pth"
     torch.save({"params": official}, path)
-    with pytest.raises(ValueError, match=r"x4.pth does not fit .*upsample.0.weight"):
-        load_official_mair(MaIR(upscale=4, **TINY), path)
-    with pytest.raises(ValueError, match=r"x4.pth does not fit .*missing \['groups.1.blocks.2"):
-        load_official_mair(MaIR(upscale=2, **{**TINY, "depths": (1, 3)}), path)
-    with pytest.raises(ValueError, match="does not exist"):
-        load_official_mair(MaIR(upscale=2, **TINY), tmp_path / "missing.pth")
+    _one_line_error(lambda: ssmkit.load_official(MaIR(upscale=4, **TINY), path), path,
+                    r"does not fit this MaIR: shape mismatches \(checkpoint vs model\): upsample\.0\.bias \(12,\) vs "
+                    r"\(48,\), upsample\.0\.weight \(12, 8, 3, 3\) vs \(48, 8, 3, 3\)$")
+    _one_line_error(lambda: ssmkit.load_official(MaIR(upscale=2, **{**TINY, "depths": (1, 3)}), path), path,
+                    r"does not fit this MaIR: missing keys: groups\.1\.blocks\.2\.")
+    _one_line_error(lambda: ssmkit.load_official(MaIR(upscale=2, **TINY), path, weights_key="params_ema"), path,
+                    r"no 'params_ema' entry \(entries params\)")
+    _one_line_error(lambda: ssmkit.load_official("mair_sr_x2", tmp_path / "missing.pth"), tmp_path / "missing.pth",
+                    "no such file")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read MaIR checkpoint .*junk.pth"):
-        load_official_mair(MaIR(upscale=2, **TINY), tmp_path / "junk.pth")
+    _one_line_error(lambda: ssmkit.load_official(MaIR(upscale=2, **TINY), tmp_path / "junk.pth"),
+                    tmp_path / "junk.pth", "not a readable PyTorch checkpoint")

@@ -2,12 +2,11 @@
 import copy
 
 import pytest
+import timm
 import torch
 
 import ssmkit
 from ssmkit.vision.vig import BiGLA, ViG
-
-timm = pytest.importorskip("timm", reason="timm does not import here; the timm registration is untested")
 
 SMALL = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_classes=5)
 CFG_KEYS = ("first_conv", "classifier", "mean", "std", "input_size", "pool_size", "crop_pct", "interpolation",
@@ -19,7 +18,7 @@ def small(**kw):
     return ssmkit.create_model("vig_tiny", **{**SMALL, **kw})
 
 
-# Counts computed from the official layer formulas (research note §2.2: ViG-T ≈5.83M, S ≈22.6M, B ≈89M)
+# Counts computed from the official layer formulas (ViG-T ≈5.83M, S ≈22.6M, B ≈89M)
 @pytest.mark.parametrize("name, count, note_m, heads", [
     ("vig_tiny", 5_834_536, 5.83, 3), ("vig_small", 22_615_144, 22.6, 6), ("vig_base", 89_022_184, 89.0, 12)])
 def test_parameter_counts(name, count, note_m, heads):
@@ -70,7 +69,7 @@ def test_timm_interface():
     torch.testing.assert_close(pooled, feats.mean(1))
     assert "pos_embed" in model.no_weight_decay()
     assert len(model.feature_info) == 2 and model.feature_info[0] == dict(num_chs=32, reduction=4,
-                                                                         module="blocks.0")
+                                                                          module="blocks.0")
     model.reset_classifier(3)
     assert model(x).shape == (2, 3)
     model.reset_classifier(0)

@@ -1,15 +1,16 @@
 """Vision Mamba: published sizes, timm interface, bidirectional mixer, middle-cls pos-embed resizing,
-official checkpoint names, scan orders."""
+official checkpoints, scan orders."""
+import argparse
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 import ssmkit
-from ssmkit.vision.vim import (VisionMamba, load_official_vim, official_vim_key_map, resize_pos_embed_mid_cls)
-
-timm = pytest.importorskip("timm", reason="timm does not import here; the timm registration is untested")
+from ssmkit.errors import CheckpointError, ConfigError
+from ssmkit.vision.vim import MidClsGridOrder, VisionMamba, convert_official_vim, resize_pos_embed_mid_cls
 
 SMALL = dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_classes=5)
 CFG_KEYS = ("first_conv", "classifier", "mean", "std", "input_size", "pool_size", "crop_pct", "interpolation",
@@ -175,43 +176,80 @@ def test_model_uses_resized_pos_embed():
     torch.testing.assert_close(pe[:, 7], model.pos_embed[:, 8])
 
 
-# -- official checkpoint names ------------------------------------------------------------------------
+# -- official checkpoints ----------------------------------------------------------------------------
 
-def _official_state_dict(model):
-    """A state dict keyed by the official Vim names (from the key map), as the training script saves it."""
+# the parameter names of hustvl/Vim `models_mamba.py` (bimamba v2 mixer, middle class token, final RMSNorm)
+OFFICIAL_TOP = ["patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "norm_f.weight",
+                "head.weight", "head.bias"]
+OFFICIAL_MIXER = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
+                  "A_log", "D", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight",
+                  "dt_proj_b.bias", "A_b_log", "D_b", "out_proj.weight"]
+
+
+def official_names(depth):
+    return OFFICIAL_TOP + [f"layers.{i}.{n}" for i in range(depth)
+                           for n in [f"mixer.{m}" for m in OFFICIAL_MIXER] + ["norm.weight"]]
+
+
+def _save_official(model, path, extra=None):
+    """`model`'s weights as the official training script saves them: under "model" by the official names with
+    DataParallel's `module.` prefix, beside the epoch and the run's arguments (which weights_only=True refuses)."""
     ours = model.state_dict()
-    return {"model": {name: ours[ours_name].clone() for name, ours_name in
-                      official_vim_key_map(len(model.layers)).items()}, "epoch": 299}
+    weights = {f"module.{name}": ours[name].clone() for name in official_names(len(model.layers))}
+    torch.save({"model": {**weights, **(extra or {})}, "epoch": 299, "args": argparse.Namespace(lr=5e-4)}, path)
+    return path
 
 
 def test_official_names_cover_the_model():
-    model = small()
-    assert set(model.state_dict()) == set(official_vim_key_map(2))
+    assert set(small().state_dict()) == set(official_names(2))
 
 
-def test_load_official_vim(tmp_path):
+def test_convert_official_vim_resizes_the_position_embedding():
+    src = small(seed=1)
+    official = {name: value for name, value in src.state_dict().items()}
+    out = convert_official_vim(official, {**SMALL, "img_size": 48})
+    assert out.keys() == official.keys() and out["pos_embed"].shape == (1, 37, 32)
+    torch.testing.assert_close(out["pos_embed"][:, 18], src.pos_embed[:, 8])  # the class entry, at the new middle
+    assert convert_official_vim(official, SMALL)["pos_embed"] is official["pos_embed"]
+    with pytest.raises(CheckpointError, match="not a square grid plus one class token"):
+        convert_official_vim({"pos_embed": torch.zeros(1, 7, 32)}, SMALL)
+
+
+def test_load_official_vim_by_model_and_by_name(tmp_path):
     src = small(seed=1).eval()
-    ckpt = _official_state_dict(src)
+    path = _save_official(src, tmp_path / "vim.pth")
     dst = small(seed=2).eval()
     x = torch.randn(2, 1, 32, 32)
     assert (dst(x) - src(x)).abs().max() > 1e-3
-    result = load_official_vim(dst, ckpt, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    assert ssmkit.load_official(dst, path) is dst
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
-    # from a file, with DDP prefixes
-    path = tmp_path / "vim.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in ckpt["model"].items()}}, path)
-    dst2 = small(seed=3).eval()
-    load_official_vim(dst2, path)
-    torch.testing.assert_close(dst2(x), src(x), rtol=0, atol=0)
-    # another resolution and head: pos_embed resized around the class token, head kept
+    named = ssmkit.load_official("vim_tiny", path, **SMALL).eval()
+    torch.testing.assert_close(named(x), src(x), rtol=0, atol=0)
+    # another resolution and head: pos_embed resized around the class token, the model's own head kept
     big = small(seed=4, img_size=48, num_classes=7).eval()
-    result = load_official_vim(big, ckpt)
-    assert set(result.missing_keys) == {"head.weight", "head.bias"}
+    head = big.head.weight.clone()
+    with pytest.warns(UserWarning, match=r"vim\.pth: the checkpoint's head\.bias \(5,\), head\.weight \(5, 32\) do "
+                                         r"not fit this VisionMamba \(head\.bias \(7,\), head\.weight \(7, 32\)\)"):
+        ssmkit.load_official(big, path)
+    assert torch.equal(big.head.weight, head)
     torch.testing.assert_close(big.pos_embed[:, 18], src.pos_embed[:, 8])
     torch.testing.assert_close(big.layers[1].mixer.A_b_log, src.layers[1].mixer.A_b_log)
-    with pytest.raises(RuntimeError):
-        load_official_vim(small(), {"model": {**ckpt["model"], "extra.weight": torch.zeros(1)}})
+
+
+def test_load_official_vim_errors_are_one_line_naming_the_file(tmp_path):
+    path = _save_official(small(), tmp_path / "extra.pth", {"extra.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"extra\.pth: does not fit this VisionMamba: unexpected keys: "
+                                              r"extra\.weight$"):
+        ssmkit.load_official(small(), path)
+    with pytest.raises(CheckpointError, match=r"extra\.pth: does not fit vim_tiny \(.*depth=3.*\): missing keys: "
+                                              r"layers\.2\."):
+        ssmkit.load_official("vim_tiny", path, **{**SMALL, "depth": 3})
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as error:
+        ssmkit.load_official("vim_tiny", tmp_path / "junk.pth", **SMALL)
+    assert str(error.value).startswith(f"{tmp_path / 'junk.pth'}: ") and "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"vim checkpoints do not carry their sizes: give a model name \(vim_base"):
+        ssmkit.load_official("vim", path)
 
 
 # -- scan orders -------------------------------------------------------------------------------------
@@ -236,6 +274,27 @@ def test_scan_order_grid():
     for bad in ("cross4", "nope"):
         with pytest.raises(ValueError):
             small(scan_order=bad)
+
+
+def test_scan_order_of_the_grid_is_passed_per_call():
+    """A forward at another grid scans the second branch in that grid's order, handed to the mixers at
+    call time: the same as running the blocks with that order, and the mixers keep the order they were
+    built with."""
+    model = small(scan_order="column").eval()
+    built = [layer.mixer.branch_order for layer in model.layers]
+    x = torch.randn(2, 1, 24, 40)
+    tokens, grid = model._tokens(x)
+
+    def blocks_with(order):
+        hidden, residual = tokens, None
+        for layer in model.layers:
+            hidden, residual = layer(hidden, residual, branch_order=order)
+        return model.forward_head(model._norm(hidden + residual))
+
+    out = model(x)
+    torch.testing.assert_close(out, blocks_with(MidClsGridOrder(model.scan_grid_order, *grid)))
+    assert (out - blocks_with("flip")).abs().max() > 1e-5  # the order matters
+    assert all(layer.mixer.branch_order is b for layer, b in zip(model.layers, built))
 
 
 def test_timm_pretrained_from_local_file(tmp_path):
