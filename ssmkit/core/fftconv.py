@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssmkit.util import compute_dtype
+
 __all__ = ["fft_causal_conv", "direct_causal_conv"]
 
 # spectra of one channel chunk in flight: (batch, chunk, L + 1) complex values, a few copies
@@ -29,10 +31,6 @@ def _check(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None) -> None:
                          f"got shape {tuple(k.shape)}")
     if D is not None and D.shape != (u.shape[1],):
         raise ValueError(f"causal conv: D must be (channels,) = ({u.shape[1]},), got shape {tuple(D.shape)}")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunks(batch: int, channels: int, length: int, max_bytes: int) -> list[slice]:
@@ -58,7 +56,7 @@ class _FFTConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, k, max_bytes):
         B, H, L = u.shape
-        dtype = _compute_dtype(u)
+        dtype = compute_dtype(u)
         y = torch.empty(B, H, L, dtype=dtype, device=u.device)
         for c in _chunks(B, H, L, max_bytes):
             y[:, c] = _spectral_product(u[:, c].to(dtype), k[c].to(dtype), L, conjugate=False)
@@ -70,7 +68,7 @@ class _FFTConv(torch.autograd.Function):
     def backward(ctx, grad_y):
         u, k = ctx.saved_tensors
         B, H, L = u.shape
-        dtype = _compute_dtype(u)
+        dtype = compute_dtype(u)
         grad_u = torch.empty(B, H, L, dtype=dtype, device=u.device) if ctx.needs_input_grad[0] else None
         grad_k = torch.empty(H, L, dtype=dtype, device=u.device) if ctx.needs_input_grad[1] else None
         for c in _chunks(B, H, L, ctx.max_bytes):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssmkit.util import compute_dtype
+
 __all__ = ["gla", "gla_step", "GLA_BACKENDS"]
 
 GLA_BACKENDS = ("ref", "chunked")
@@ -69,7 +71,7 @@ def gla(q, k, v, gk, scale=None, initial_state=None, output_final_state=False, r
     (o, final_state) with final_state (batch, heads, K, V) fp32 (fp64 for fp64 inputs), differentiable.
     """
     _check_gla_args(q, k, v, gk, initial_state, chunk_size, backend)
-    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     seq = [t.to(cd).transpose(1, 2) for t in (q, k, v, gk)]  # (batch, heads, T, ·)
     if reverse:

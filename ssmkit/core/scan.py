@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ssmkit.util import shape_error
+from ssmkit.util import compute_dtype, shape_error
 
 __all__ = ["selective_scan", "selective_state_update", "linear_scan", "BACKENDS"]
 
@@ -132,10 +132,6 @@ def _triton_ready(device: torch.device) -> bool:
     return triton_available(device)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _reset_gate(seq_idx: torch.Tensor, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
     """keep[b, t] = 0 where position t starts a new packed sequence (in scan order), else 1."""
     keep = torch.ones(seq_idx.shape, dtype=dtype, device=seq_idx.device)
@@ -166,7 +162,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     B, C = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     name = _pick_backend(backend, u.device, u.dtype)
-    cd = _compute_dtype(u)
+    cd = compute_dtype(u)
     if name == "cpu":
         from ssmkit.kernels.cpu import selective_scan_cpu
 
@@ -240,7 +236,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         from ssmkit.kernels.cpu import selective_state_update_cpu
 
         return selective_state_update_cpu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
+    cd = compute_dtype(state, x)
     step = dt.to(cd)
     if dt_bias is not None:
         step = step + dt_bias.to(cd)

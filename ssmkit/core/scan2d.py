@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ssmkit.core.mamba import add_ssm_parameters
 from ssmkit.core.scan import _pick_backend, linear_scan
-from ssmkit.util import shape_error
+from ssmkit.util import compute_dtype, shape_error
 
 __all__ = ["selective_scan_2d", "Mamba2D", "DIRECTIONS", "BACKENDS_2D"]
 
@@ -93,7 +93,7 @@ def selective_scan_2d(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     O(·d_state·W·√H), recomputation in backward).
     """
     B, C, directions = _check_2d_args(u, delta, A, B, C, D, delta_bias, directions, backend)
-    cd = torch.float64 if u.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(u)
     dim = u.shape[1]
     dt = delta.to(cd)
     if delta_bias is not None:

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from ssmkit.kernels import as_time_invariant
+from ssmkit.util import compute_dtype
 
 __all__ = ["available", "library", "selective_scan_cpu", "selective_state_update_cpu", "scan2d_cpu"]
 
@@ -431,7 +432,7 @@ def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
 def selective_state_update_cpu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     """One decode step in place on `state` (batch, dim, N); B, C: (batch, G, N). Computes in the state's
     dtype when it is fp32 or fp64 and its states are contiguous (else on a copy written back)."""
-    cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
+    cd = compute_dtype(state, x)
     work = state if state.dtype == cd and state.stride(-1) == 1 else state.to(cd).contiguous()
     vec = lambda t: None if t is None else t.to(cd).contiguous()  # noqa: E731
     y = torch.ops.ssmkit.selective_state_update_cpu(work, x.to(cd), dt.to(cd), vec(A), B.to(cd).contiguous(),
