@@ -19,9 +19,11 @@ demo: $(STAMP)
 	$(VENV)/bin/ssmkit demo
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/scan.py
 	$(PY) bench/scan2d.py
 	$(PY) bench/vision.py
+	$(PY) bench/ssd.py
 
 # On a machine with a CUDA GPU: the GPU-only tests, then the GPU benchmarks of every domain.
 test-gpu: $(STAMP)

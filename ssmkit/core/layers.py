@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["RMSNorm", "LayerNorm2d", "SwiGLU", "DropPath", "drop_path_rates"]
+__all__ = ["RMSNorm", "RMSNormGated", "LayerNorm2d", "SwiGLU", "DropPath", "drop_path_rates"]
 
 
 class RMSNorm(nn.Module):
@@ -19,6 +19,33 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
+        return out.to(x.dtype)
+
+
+class RMSNormGated(nn.Module):
+    """Mamba-2's gated RMSNorm: RMSNorm(x * silu(z)) (or RMSNorm(x) * silu(z) with `norm_before_gate`),
+    normalised over groups of `group_size` channels (default: all), computed in at least fp32."""
+
+    def __init__(self, d: int, eps: float = 1e-5, norm_before_gate: bool = False, group_size: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.eps, self.norm_before_gate = eps, norm_before_gate
+        self.group_size = d if group_size is None else group_size
+        if d % self.group_size:
+            raise ValueError(f"RMSNormGated: group_size {self.group_size} does not divide the width {d}")
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        cd = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(cd)
+        gate = None if z is None else F.silu(z.to(cd))
+        if gate is not None and not self.norm_before_gate:
+            xf = xf * gate
+        groups = xf.unflatten(-1, (-1, self.group_size))
+        out = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        out = out * self.weight.to(cd)
+        if gate is not None and self.norm_before_gate:
+            out = out * gate
         return out.to(x.dtype)
 
 

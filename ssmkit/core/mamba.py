@@ -379,13 +379,15 @@ class MambaBlock(nn.Module):
         eps: float = 1e-5,
         drop_path: float = 0.0,
         residual_in_fp32: bool = True,
+        device=None,
+        dtype=None,
         **mixer_kwargs,
     ):
         super().__init__()
         if mixer is not None and mixer_kwargs:
             raise TypeError(f"mixer keyword arguments {sorted(mixer_kwargs)} given with a ready-made mixer")
-        self.mixer = Mamba(d_model, **mixer_kwargs) if mixer is None else mixer
-        self.norm = _make_norm(norm, d_model, eps, mixer_kwargs.get("device"), mixer_kwargs.get("dtype"))
+        self.mixer = Mamba(d_model, device=device, dtype=dtype, **mixer_kwargs) if mixer is None else mixer
+        self.norm = _make_norm(norm, d_model, eps, device, dtype)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.residual_in_fp32 = residual_in_fp32
 
@@ -431,12 +433,28 @@ def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.
                 p /= math.sqrt(n_layer)
 
 
+_BLOCK_OPTIONS = ("norm", "eps", "drop_path", "residual_in_fp32")
+
+
+def _mixer_class(mixer: str):
+    if mixer == "mamba":
+        return Mamba
+    if mixer == "mamba2":
+        from ssmkit.core.mamba2 import Mamba2
+
+        return Mamba2
+    raise ValueError(f"mixer must be 'mamba' or 'mamba2', got {mixer!r}")
+
+
 class MambaLM(nn.Module):
-    """A small causal Mamba language model (mamba_ssm's `MambaLMHeadModel` layout).
+    """A causal Mamba language model (mamba_ssm's `MambaLMHeadModel` layout), Mamba-1 or Mamba-2.
 
     embedding -> n_layer `MambaBlock`s -> final add + `norm_f` -> `lm_head` (tied to the embedding by
-    default). The vocabulary is padded to a multiple of `pad_vocab_multiple`; logits are cropped back
-    to `vocab_size`. Extra keyword arguments go to every `MambaBlock` (and through it to `Mamba`).
+    default). mixer: "mamba" (`Mamba`) or "mamba2" (`ssmkit.core.mamba2.Mamba2`); d_state None takes the
+    mixer's default (16 / 128). The vocabulary is padded to a multiple of `pad_vocab_multiple`; logits
+    are cropped back to `vocab_size`. Keyword arguments `norm`, `eps`, `drop_path` and
+    `residual_in_fp32` go to every `MambaBlock`, the rest to every mixer. `from_pretrained` loads the
+    published checkpoints.
     """
 
     def __init__(
@@ -444,28 +462,43 @@ class MambaLM(nn.Module):
         vocab_size: int,
         d_model: int,
         n_layer: int,
-        d_state: int = 16,
+        d_state: int | None = None,
         d_conv: int = 4,
         expand: float = 2,
         pad_vocab_multiple: int = 8,
         tie_embeddings: bool = True,
-        **mixer_kwargs,
+        mixer: str = "mamba",
+        **kwargs,
     ):
         super().__init__()
-        self.vocab_size = vocab_size
+        self.vocab_size, self.mixer = vocab_size, mixer
         padded_vocab = -(-vocab_size // pad_vocab_multiple) * pad_vocab_multiple
-        factory = {"device": mixer_kwargs.get("device"), "dtype": mixer_kwargs.get("dtype")}
+        factory = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        block_kwargs = {k: kwargs.pop(k) for k in _BLOCK_OPTIONS if k in kwargs}
+        mixer_cls = _mixer_class(mixer)
+        if d_state is not None:
+            kwargs["d_state"] = d_state
         self.embedding = nn.Embedding(padded_vocab, d_model, **factory)
         self.layers = nn.ModuleList(
-            MambaBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i, **mixer_kwargs)
+            MambaBlock(d_model, mixer=mixer_cls(d_model, d_conv=d_conv, expand=expand, layer_idx=i, **kwargs),
+                       **block_kwargs, **factory)
             for i in range(n_layer)
         )
-        norm, eps = mixer_kwargs.get("norm", "rms"), mixer_kwargs.get("eps", 1e-5)
-        self.norm_f = _make_norm(norm, d_model, eps, **factory)
+        self.norm_f = _make_norm(block_kwargs.get("norm", "rms"), d_model, block_kwargs.get("eps", 1e-5), **factory)
         self.lm_head = nn.Linear(d_model, padded_vocab, bias=False, **factory)
         self.apply(lambda m: _init_weights(m, n_layer))
         if tie_embeddings:
             self.lm_head.weight = self.embedding.weight
+
+    @classmethod
+    def from_pretrained(cls, folder, *, device=None, dtype=None) -> "MambaLM":
+        """A published Mamba or Mamba-2 language model from a local folder, in either layout:
+        mamba_ssm's (`state-spaces/mamba-*`, `mamba2-*`: config.json with d_model, n_layer, ssm_cfg, ...
+        + pytorch_model.bin) or HF transformers' (`MambaForCausalLM` / `Mamba2ForCausalLM`: config.json
+        + model.safetensors, sharded or not). Read without running code from the files; in eval mode."""
+        from ssmkit.core.lm_checkpoints import load_pretrained_lm
+
+        return load_pretrained_lm(folder, device=device, dtype=dtype)
 
     def _head(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         residual = hidden if residual is None else hidden + residual
@@ -504,3 +537,10 @@ class MambaLM(nn.Module):
 def mamba_lm_tiny(vocab_size: int = 16, **overrides) -> MambaLM:
     """ssmkit's small Mamba LM for synthetic tasks (`ssmkit seq`): d_model 64, 2 layers, d_state 16."""
     return MambaLM(vocab_size, **{"d_model": 64, "n_layer": 2, "d_state": 16, **overrides})
+
+
+@register_model
+def mamba2_lm_tiny(vocab_size: int = 16, **overrides) -> MambaLM:
+    """The same small LM on Mamba-2 mixers: d_model 64, 2 layers, d_state 16, 8 heads of 16 channels."""
+    return MambaLM(vocab_size, **{"d_model": 64, "n_layer": 2, "d_state": 16, "mixer": "mamba2", "headdim": 16,
+                                  **overrides})

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ssmkit.core.hydra import Hydra
 from ssmkit.core.mamba import Mamba, StridedOrder
+from ssmkit.core.mamba2 import Mamba2
 from ssmkit.core.scan2d import Mamba2D
 from ssmkit.registry import register_official
 
 __all__ = ["check_bag", "attention_mlp", "attention_pool", "MambaMIL", "MambaMIL2D", "grid_positions",
            "convert_official_mambamil", "reference_init"]
 
-MIXERS = ("sr", "bi", "uni")
+MIXERS = ("sr", "bi", "uni", "mamba2", "hydra")
 INITS = ("reference", "mamba")
 
 
@@ -103,7 +105,8 @@ class MambaMIL(_PooledMIL):
     Each block is h <- h + Mamba(LayerNorm(h)) with a second branch over the sequence reordered with
     stride `rate` (`StridedOrder`: the bag zero-padded to a multiple of R and read every R-th instance),
     the two branch outputs summed (no halving) before out_proj. `mixer` "bi" uses a flipped second
-    branch (BiMamba), "uni" a plain Mamba. The order of the instances matters (they are scanned in
+    branch (BiMamba), "uni" a plain Mamba; "mamba2" a causal Mamba-2 (SSD) mixer and "hydra" Hydra's
+    bidirectional SSD mixer (`headdim` channels per head; `d_conv` defaults to 4, and to Hydra's 7). The order of the instances matters (they are scanned in
     the order given; ssmkit's tiler writes row-major). `rate` defaults to 5, the value of every released
     training script (the reference constructor's default is 10).
 
@@ -113,19 +116,27 @@ class MambaMIL(_PooledMIL):
     """
 
     def __init__(self, in_dim: int = 1024, n_classes: int = 2, d_model: int = 512, n_layers: int = 2,
-                 mixer: str = "sr", rate: int = 5, d_state: int = 16, d_conv: int = 4, expand: float = 2,
-                 dropout: float = 0.0, init: str = "reference", backend: str | None = None):
+                 mixer: str = "sr", rate: int = 5, d_state: int = 16, d_conv: int | None = None,
+                 expand: float = 2, headdim: int = 64, dropout: float = 0.0, init: str = "reference",
+                 backend: str | None = None):
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
         self.in_dim, self.n_classes = in_dim, n_classes
-        order = {"sr": StridedOrder(rate), "bi": "flip", "uni": None}[mixer]
         self._fc1 = _projection(in_dim, d_model, dropout)
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d_model),
-                          Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, branch_order=order,
-                                divide_out=False, backend=backend))
-            for _ in range(n_layers))
+
+        def make_mixer() -> nn.Module:
+            if mixer == "hydra":
+                return Hydra(d_model, d_state=d_state, d_conv=d_conv or 7, expand=expand, headdim=headdim,
+                             backend=backend)
+            if mixer == "mamba2":
+                return Mamba2(d_model, d_state=d_state, d_conv=d_conv or 4, expand=expand, headdim=headdim,
+                              backend=backend)
+            order = {"sr": StridedOrder(rate), "bi": "flip", "uni": None}[mixer]
+            return Mamba(d_model, d_state=d_state, d_conv=d_conv or 4, expand=expand, branch_order=order,
+                         divide_out=False, backend=backend)
+
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(d_model), make_mixer()) for _ in range(n_layers))
         self._finish_init(d_model, n_classes, init)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -17,7 +17,8 @@ Other image sizes: the position embedding is resized on the fly around the middl
 the class entry goes back in at the new M' // 2 (the official fine-tuning script resizes the wrong
 entry). `scan_order` picks the second branch's order: the default is the reversed sequence (Vim);
 any single-order name of `ssmkit.vision.scan_orders.get_scan_order` scans the patch grid in that order
-instead (the class token stays in the middle of that sequence).
+instead (the class token stays in the middle of that sequence). `mixer="hydra"` (`vim_hydra_tiny`) puts
+Hydra's bidirectional SSD mixer (`ssmkit.core.hydra`, `headdim`, conv width 7) in every block instead.
 
 Configs (`vim_tiny|small|base`, timm: `ssmkit_vim_tiny|small|base`) follow the paper: D = 192/384/768,
 depth 24, d_state 16, expand 2, patch 16, middle class token, divide_out, 7.15M / 25.80M / 97.6M
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 
 from ssmkit.checkpoints import unwrap_state_dict
+from ssmkit.core.hydra import Hydra
 from ssmkit.core.layers import DropPath, RMSNorm, drop_path_rates
 from ssmkit.core.mamba import MambaBlock, SequenceOrder
 from ssmkit.errors import CheckpointError
@@ -53,6 +55,7 @@ __all__ = [
     "vim_small",
     "vim_base",
     "vim_micro",
+    "vim_hydra_tiny",
 ]
 
 
@@ -160,8 +163,10 @@ class VisionMamba(nn.Module):
         embed_dim: int = 192,
         depth: int = 24,
         d_state: int = 16,
-        d_conv: int = 4,
+        d_conv: int | None = None,
         expand: float = 2,
+        mixer: str = "mamba",
+        headdim: int = 64,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "token",
@@ -199,12 +204,23 @@ class VisionMamba(nn.Module):
         # add before norm_f uses the full rate
         dpr = drop_path_rates(drop_path_rate, depth)
         inter_dpr = [0.0] + dpr
-        self.layers = nn.ModuleList(
-            MambaBlock(embed_dim, norm="rms", eps=norm_eps, drop_path=inter_dpr[i],
-                       residual_in_fp32=residual_in_fp32, d_state=d_state, d_conv=d_conv, expand=expand,
-                       branch_order=branch, divide_out=divide_out, backend=backend, layer_idx=i)
-            for i in range(depth)
-        )
+        if mixer not in ("mamba", "hydra"):
+            raise ValueError(f"mixer must be 'mamba' or 'hydra', got {mixer!r}")
+        if mixer == "hydra" and self.scan_grid_order is not None:
+            raise ValueError(f"scan_order {scan_order!r} needs the 'mamba' mixer: Hydra scans the sequence both ways")
+        self.mixer = mixer
+        block = dict(norm="rms", eps=norm_eps, residual_in_fp32=residual_in_fp32)
+        if mixer == "mamba":
+            self.layers = nn.ModuleList(
+                MambaBlock(embed_dim, **block, drop_path=inter_dpr[i], d_state=d_state, d_conv=d_conv or 4,
+                           expand=expand, branch_order=branch, divide_out=divide_out, backend=backend, layer_idx=i)
+                for i in range(depth))
+        else:
+            self.layers = nn.ModuleList(
+                MambaBlock(embed_dim, **block, drop_path=inter_dpr[i],
+                           mixer=Hydra(embed_dim, d_state=d_state, d_conv=d_conv or 7, expand=expand, headdim=headdim,
+                                       backend=backend, layer_idx=i))
+                for i in range(depth))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
@@ -404,6 +420,9 @@ VIM_CONFIGS: dict[str, dict[str, Any]] = {
     "vim_base": dict(embed_dim=768, depth=24, d_state=16, expand=2, patch_size=16, img_size=224),
     # an ssmkit variant for small images on CPU (the default of `ssmkit classify`): 4-pixel patches
     "vim_micro": dict(embed_dim=64, depth=2, d_state=16, expand=2, patch_size=4, img_size=16),
+    # an ssmkit variant: Vim-Ti's sizes with Hydra's bidirectional SSD mixer in place of bimamba v2
+    "vim_hydra_tiny": dict(embed_dim=192, depth=24, d_state=16, expand=2, patch_size=16, img_size=224,
+                           mixer="hydra"),
 }
 
 
@@ -421,6 +440,12 @@ def vim_tiny(**overrides) -> VisionMamba:
 def vim_micro(**overrides) -> VisionMamba:
     """ssmkit variant for small images (digits, Fashion-MNIST) on CPU: D 64, 2 layers, 4-pixel patches."""
     return _build("vim_micro", overrides)
+
+
+@ssmkit_register_model
+def vim_hydra_tiny(**overrides) -> VisionMamba:
+    """ssmkit variant: Vim-Ti (D 192, 24 layers) with Hydra mixers (6 heads of 64, d_state 16, conv 7)."""
+    return _build("vim_hydra_tiny", overrides)
 
 
 @ssmkit_register_model

@@ -121,6 +121,14 @@ def test_seq_train_resume_eval_with_the_runs_own_sizes(tmp_path, capsys):
     assert "vocab_size 7, the run in" in capsys.readouterr().err
 
 
+def test_seq_task_trains_a_mamba2_lm(tmp_path):
+    tiny = ["--context", "8", "--n-data", "2", "--n-symbols", "3", "--train-size", "32", "--eval-size", "16",
+            "--model", "mamba2_lm_tiny", "--model-kwargs", "d_model=16,n_layer=1,d_state=4,headdim=8",
+            "--batch-size", "8", "--eval-every", "0"]
+    assert main(["seq", "train", "--out-dir", str(tmp_path / "run"), "--steps", "2", *tiny]) == 0
+    assert main(["seq", "eval", "--out-dir", str(tmp_path / "run")]) == 0
+
+
 @pytest.mark.parametrize("argv", [["audio", "generate"], ["dna", "embed"], ["mil", "heatmap"], ["classify", "predict"],
                                   ["video", "generate"], ["restore", "run"], ["seq", "eval"]])
 def test_commands_on_a_run_list_no_training_options(argv, capsys):

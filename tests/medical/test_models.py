@@ -167,3 +167,21 @@ def test_mambamil_2d_on_a_sparse_tissue_grid_matches_dense_placement():
         out = model(x, coords)
         shifted = model(x, coords + torch.tensor([4096, 1024]))  # the origin of the slide does not matter
     torch.testing.assert_close(out["logits"], shifted["logits"])
+
+
+@pytest.mark.parametrize("mixer,count", [("sr", 4_227_843), ("mamba2", 3_802_275), ("hydra", 3_891_043)])
+def test_ssd_mixers(mixer, count):
+    from ssmkit.core.hydra import Hydra
+    from ssmkit.core.mamba2 import Mamba2
+
+    with torch.device("meta"):
+        full = ssmkit.create_model("mambamil", mixer=mixer)
+    assert sum(p.numel() for p in full.parameters()) == count
+    kind = {"sr": Mamba, "mamba2": Mamba2, "hydra": Hydra}[mixer]
+    assert isinstance(full.layers[0][1], kind)
+    torch.manual_seed(0)
+    model = ssmkit.create_model("mambamil", in_dim=8, d_model=16, n_layers=1, mixer=mixer, headdim=8)
+    out = model(torch.randn(30, 8))
+    assert out["logits"].shape == (1, 2) and out["scores"].shape == (30,)
+    out["logits"].sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -37,11 +37,36 @@ def test_parameter_counts_match_paper(name, count, paper_m):
     assert (mixer.d_state, mixer.expand, mixer.divide_out) == (16, 2, True)
 
 
+def test_hydra_mixer_variant():
+    from ssmkit.core.hydra import Hydra
+
+    with torch.device("meta"):
+        model = ssmkit.create_model("vim_hydra_tiny")
+    assert sum(p.numel() for p in model.parameters()) == 6_193_048
+    mixer = model.layers[0].mixer
+    assert isinstance(mixer, Hydra) and (mixer.nheads, mixer.headdim, mixer.d_state, mixer.d_conv) == (6, 64, 16, 7)
+    torch.manual_seed(0)
+    small_hydra = small(mixer="hydra", headdim=16)
+    x = torch.randn(2, 1, 32, 32)
+    small_hydra(x).sum().backward()
+    assert all(p.grad is not None for p in small_hydra.parameters())
+    # every output sees every patch: the class token's logits move when the first patch changes
+    x2 = x.clone()
+    x2[:, :, :8, :8] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(small_hydra(x), small_hydra(x2))
+    with pytest.raises(ValueError, match="scan_order 'snake' needs the 'mamba' mixer"):
+        small(mixer="hydra", scan_order="snake")
+    with pytest.raises(ValueError, match="mixer must be 'mamba' or 'hydra'"):
+        small(mixer="mamba3")
+
+
 def test_timm_create_model_every_registered_name():
     import ssmkit.vision  # noqa: F401  (registers in timm)
 
     names = timm.list_models("ssmkit_vim*")
-    assert set(names) == {"ssmkit_vim_micro", "ssmkit_vim_tiny", "ssmkit_vim_small", "ssmkit_vim_base"}
+    assert set(names) == {"ssmkit_vim_micro", "ssmkit_vim_tiny", "ssmkit_vim_small", "ssmkit_vim_base",
+                          "ssmkit_vim_hydra_tiny"}
     for name in names:
         model = timm.create_model(name, num_classes=10, img_size=32, patch_size=8, embed_dim=32, depth=1)
         assert isinstance(model, VisionMamba) and model.num_classes == 10
