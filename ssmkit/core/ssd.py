@@ -13,7 +13,10 @@ decay is a scalar per head, the scan is a product of matrices chunk by chunk, so
 runs on matrix multiplications: inside a chunk of Q positions y = (L ∘ C Bᵀ) (dt x) with the decays
 L[t, s] = exp(dt_{s+1} A + ... + dt_t A) built from segment sums (a masked cumulative sum, never a
 difference of cumulative sums, so no precision is lost and nothing overflows); across chunks a short
-loop carries the states. "ref" is a plain loop over time, the oracle.
+loop carries the states. Its backward is written out: it keeps the inputs and the state entering each
+chunk, recomputes the (Q, Q) decays a few chunks at a time and runs the states' adjoint back across the
+chunks, so memory is O(batch·L·heads·headdim + batch·L/Q·heads·headdim·d_state) with no (Q, Q) tensor
+of the whole sequence alive. "ref" is a plain loop over time, the oracle.
 """
 from __future__ import annotations
 
@@ -217,48 +220,144 @@ def _segment_sums(a: torch.Tensor) -> torch.Tensor:
     return terms.cumsum(-2).masked_fill(above, -math.inf)
 
 
+def _inner_decays(dA: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """W (..., Q, Q): the decay from each source s to each output t of a chunk, from its log-decays dA
+    (..., Q); zero where s comes after t in scan order."""
+    if reverse:  # from s down to t < s: a_t ... a_{s-1}, the forward sums of a shifted by one, transposed
+        return torch.exp(_segment_sums(F.pad(dA, (1, -1))).transpose(-1, -2))
+    return torch.exp(_segment_sums(dA))
+
+
+def _edge_decays(dA: torch.Tensor, reverse: bool):
+    """E (..., Q) from the state entering a chunk to each position, Fw (..., Q) from each position to the
+    state leaving it, and the chunk's total decay (...): running sums of dA, no differences (-inf safe)."""
+    rev_cumsum = lambda a: a.flip(-1).cumsum(-1).flip(-1)  # noqa: E731
+    if reverse:
+        E, Fw = rev_cumsum(dA), F.pad(dA[..., :-1], (1, 0)).cumsum(-1)
+    else:
+        E, Fw = dA.cumsum(-1), F.pad(rev_cumsum(dA[..., 1:]), (0, 1))
+    return torch.exp(E), torch.exp(Fw), torch.exp(dA.sum(-1))
+
+
+class _Chunks:
+    """Views of (batch, L, ...) tensors chunk by chunk, L a multiple of Q: x-like (b, L, heads, p) as
+    (b, g, k, c, Q, p), dt-like (b, L, heads) as (b, g, k, c, Q), B/C-like (b, L, g, n) as (b, g, c, Q, n),
+    with head = g * k_per_group + k. `slices` are the chunk ranges processed together: at most ~1M
+    elements of (Q, Q) decays at a time, so no pass holds them for the whole sequence."""
+
+    def __init__(self, x: torch.Tensor, groups: int, Q: int):
+        self.b, L, self.heads, self.P = x.shape
+        self.G, self.K, self.Q, self.nc = groups, self.heads // groups, Q, L // Q
+        step = max(1, (1 << 20) // (self.b * self.heads * Q * Q))
+        self.slices = [slice(i, min(i + step, self.nc)) for i in range(0, self.nc, step)]
+
+    def x(self, t: torch.Tensor, cs: slice) -> torch.Tensor:
+        return rearrange(t[:, cs.start * self.Q: cs.stop * self.Q], "b (c q) (g k) p -> b g k c q p", q=self.Q,
+                         g=self.G)
+
+    def h(self, t: torch.Tensor, cs: slice) -> torch.Tensor:
+        return rearrange(t[:, cs.start * self.Q: cs.stop * self.Q], "b (c q) (g k) -> b g k c q", q=self.Q, g=self.G)
+
+    def bc(self, t: torch.Tensor, cs: slice) -> torch.Tensor:
+        return rearrange(t[:, cs.start * self.Q: cs.stop * self.Q], "b (c q) g n -> b g c q n", q=self.Q)
+
+
+class _ChunkedSSD(torch.autograd.Function):
+    """x (b, L, heads, p), dt and dA (b, L, heads), B and C (b, L, g, n) with L a multiple of Q, h0
+    (b, g, k, p, n) or None. Saves the inputs and the states entering each chunk (O(b·L/Q·heads·p·n));
+    the (Q, Q) decays and scores are recomputed in backward, a few chunks at a time."""
+
+    @staticmethod
+    def forward(ctx, x, dt, dA, B, C, h0, reverse, Q):
+        ch = _Chunks(x, B.shape[2], Q)
+        b, G, K, nc, P, N = ch.b, ch.G, ch.K, ch.nc, ch.P, B.shape[-1]
+        y = torch.empty_like(x)
+        states = x.new_empty(b, G, K, nc, P, N)  # each chunk's own end state, then the state entering it
+        decay = x.new_empty(b, G, K, nc)
+        for cs in ch.slices:
+            W = _inner_decays(ch.h(dA, cs), reverse)
+            _, Fw, decay[..., cs] = _edge_decays(ch.h(dA, cs), reverse)
+            Bs, Cs = ch.bc(B, cs), ch.bc(C, cs)
+            u = (ch.x(x, cs) * ch.h(dt, cs)[..., None]).contiguous()  # compact rows for the batched products
+            ch.x(y, cs)[...] = W.mul_((Cs @ Bs.mT)[:, :, None]) @ u
+            states[..., cs, :, :] = torch.einsum("bgkcsp,bgcsn->bgkcpn", u * Fw[..., None], Bs)
+        s = x.new_zeros(b, G, K, P, N) if h0 is None else h0.clone()
+        for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
+            own = states[..., c, :, :].clone()
+            states[..., c, :, :] = s
+            s = s.mul_(decay[..., c, None, None]).add_(own)
+        for cs in ch.slices:
+            E = _edge_decays(ch.h(dA, cs), reverse)[0]
+            ch.x(y, cs)[...] += torch.einsum("bgctn,bgkcpn->bgkctp", ch.bc(C, cs), states[..., cs, :, :]) * E[..., None]
+        ctx.save_for_backward(x, dt, dA, B, C, states, decay)
+        ctx.reverse, ctx.has_h0, ctx.Q = reverse, h0 is not None, Q
+        return y, s
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        x, dt, dA, B, C, states, decay = ctx.saved_tensors
+        reverse = ctx.reverse
+        ch = _Chunks(x, B.shape[2], ctx.Q)
+        nc = ch.nc
+        gx, gdt, gdA = torch.empty_like(x), torch.empty_like(dt), torch.empty_like(dA)
+        gB, gC, gE = torch.empty_like(B), torch.empty_like(C), torch.empty_like(dt)
+        # the states' adjoint: first what each chunk's outputs ask of the state entering it ...
+        gstates = torch.empty_like(states)
+        for cs in ch.slices:
+            E = _edge_decays(ch.h(dA, cs), reverse)[0]
+            gys, Cs, S = ch.x(gy, cs), ch.bc(C, cs), states[..., cs, :, :]
+            gyE = gys * E[..., None]
+            gstates[..., cs, :, :] = torch.einsum("bgkctp,bgctn->bgkcpn", gyE, Cs)
+            ch.bc(gC, cs)[...] = torch.einsum("bgkctp,bgkcpn->bgctn", gyE, S)
+            ch.h(gE, cs)[...] = (gys * torch.einsum("bgctn,bgkcpn->bgkctp", Cs, S)).sum(-1)
+        # ... then carried back across chunks: gstates becomes the adjoint of each chunk's end state
+        r = torch.zeros_like(states[..., 0, :, :]) if glast is None else glast.clone()
+        gdecay = torch.empty_like(decay)
+        for c in (range(nc) if reverse else range(nc - 1, -1, -1)):
+            gdecay[..., c] = (r * states[..., c, :, :]).sum((-1, -2))
+            entering = gstates[..., c, :, :].clone()
+            gstates[..., c, :, :] = r
+            r = r.mul_(decay[..., c, None, None]).add_(entering)
+        gh0 = r if ctx.has_h0 else None
+        for cs in ch.slices:
+            with torch.enable_grad():
+                dA_s = ch.h(dA, cs).detach().requires_grad_()
+                W = _inner_decays(dA_s, reverse)
+                E, Fw, dec = _edge_decays(dA_s, reverse)
+            Bs, Cs, x_s, dt_s, gy_s = ch.bc(B, cs), ch.bc(C, cs), ch.x(x, cs), ch.h(dt, cs), ch.x(gy, cs).contiguous()
+            gend = gstates[..., cs, :, :]
+            CB = Cs @ Bs.mT
+            u = (x_s * dt_s[..., None]).contiguous()
+            # the chunk's end state: sum_s F_s u_s B_sᵀ
+            V = torch.einsum("bgcsn,bgkcpn->bgkcsp", Bs, gend)
+            gu = V * Fw[..., None]
+            gF = (u * V).sum(-1)
+            gBs = torch.einsum("bgkcsp,bgkcpn->bgcsn", u * Fw[..., None], gend)
+            # the outputs inside the chunk: y = (W ∘ CB) u
+            Wd = W.detach()
+            gu += (Wd * CB[:, :, None]).mT @ gy_s
+            gM = gy_s @ u.mT
+            gCB = (gM * Wd).sum(2)
+            ch.bc(gC, cs)[...] += gCB @ Bs
+            ch.bc(gB, cs)[...] = gBs + gCB.mT @ Cs
+            ch.x(gx, cs)[...] = gu * dt_s[..., None]
+            ch.h(gdt, cs)[...] = (gu * x_s).sum(-1)
+            torch.autograd.backward([W, E, Fw, dec], [gM.mul_(CB[:, :, None]), ch.h(gE, cs), gF, gdecay[..., cs]])
+            ch.h(gdA, cs)[...] = dA_s.grad
+        return gx, gdt, gdA, gB, gC, gh0, None, None
+
+
 def _ssd_chunked(x, dt, A, B, C, h0, keep, reverse, Q):
     batch, length, heads, headdim = x.shape
     G, N = B.shape[2:]
     Q = min(Q, length)
-    nc = -(-length // Q)
-    pad = nc * Q - length
+    pad = -length % Q
     dA = dt * A
     if keep is not None:
         dA = dA.masked_fill(~keep[..., None], -math.inf)
     if pad:  # padded positions: no input and no decay, so they change nothing
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt, dA = F.pad(dt, (0, 0, 0, pad)), F.pad(dA, (0, 0, 0, pad))
-    x = rearrange(x, "b (c q) (g k) p -> b c q g k p", q=Q, g=G)
-    B, C = (rearrange(t, "b (c q) g n -> b c q g n", q=Q) for t in (B, C))
-    dt, dA = (rearrange(t, "b (c q) (g k) -> b g k c q", q=Q, g=G) for t in (dt, dA))
-
-    if reverse:  # decays from s down to t < s: a_t ... a_{s-1}, the forward sums of a shifted by one, transposed
-        seg = _segment_sums(F.pad(dA, (1, -1))).transpose(-1, -2)
-        state_weight = seg[..., 0, :]  # decay from each position to the chunk's first
-        entry_weight = seg[..., :, -1] + dA[..., -1:]  # decay from the chunk after to each position
-    else:
-        seg = _segment_sums(dA)
-        state_weight = seg[..., -1, :]
-        entry_weight = seg[..., :, 0] + dA[..., :1]
-    dtx_weight = torch.exp(state_weight) * dt
-
-    # inside each chunk: y_t = sum_s exp(seg[t, s]) (C_t . B_s) dt_s x_s
-    CB = torch.einsum("bctgn,bcsgn->bgcts", C, B)
-    scores = torch.exp(seg) * CB[:, :, None] * dt[..., None, :]
-    y = torch.einsum("bgkcts,bcsgkp->bctgkp", scores, x)
-
-    # each chunk's own end state, then the states carried across chunks
-    local = torch.einsum("bgkcs,bcsgkp,bcsgn->bcgkpn", dtx_weight, x, B)
-    chunk_decay = torch.exp(dA.sum(-1))[..., None, None].unbind(3)  # per chunk (b, g, k, 1, 1)
-    local = local.unbind(1)  # one view per chunk, so that backward assembles their gradients once
-    s = x.new_zeros(batch, G, heads // G, headdim, N) if h0 is None else h0.reshape(batch, G, -1, headdim, N)
-    entering = [None] * nc
-    for c in (reversed(range(nc)) if reverse else range(nc)):
-        entering[c] = s
-        s = chunk_decay[c] * s + local[c]
-    entering = torch.stack(entering, dim=1)  # (b, c, g, k, p, n)
-    y = y + torch.einsum("bctgn,bcgkpn->bctgkp", C, entering) * rearrange(
-        torch.exp(entry_weight), "b g k c t -> b c t g k 1")
-    y = rearrange(y, "b c t g k p -> b (c t) (g k) p")[:, :length]
-    return y, s.reshape(batch, heads, headdim, N)
+    h0 = None if h0 is None else h0.reshape(batch, G, heads // G, headdim, N)
+    y, last = _ChunkedSSD.apply(x, dt, dA, B, C, h0, reverse, Q)
+    return y[:, :length], last.reshape(batch, heads, headdim, N)

@@ -210,3 +210,19 @@ def test_bad_arguments_name_the_argument(change, message):
     with pytest.raises(ValueError) as err:
         ssd_scan(**args)
     assert str(err.value).startswith("ssd_scan: ") and message in str(err.value)
+
+
+def test_strided_inputs_give_the_same_result():
+    inp = make_inputs(length=70)
+    # the same values in permuted (dense, non-contiguous) and in gapped (sliced) layouts
+    strided = {k: v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() if v.dim() == 4 else v
+               for k, v in inp.items()}
+    strided["dt"] = torch.cat([inp["dt"].detach(), inp["dt"].detach()], -1)[..., :4].requires_grad_()
+    ext = extras(inp, z=True, initial_state=True)
+    y, last = ssd_scan(**inp, **ext, chunk_size=32, return_final_state=True)
+    ys, lasts = ssd_scan(**strided, **ext, chunk_size=32, return_final_state=True)
+    torch.testing.assert_close(ys, y)
+    torch.testing.assert_close(lasts, last)
+    g = torch.autograd.grad((y * y).sum() + last.sum(), list(inp.values()))
+    gs = torch.autograd.grad((ys * ys).sum() + lasts.sum(), list(strided.values()))
+    assert_close_all(g, gs)
