@@ -3,9 +3,8 @@ from ssmkit.core.convssm import ConvS5Layer, convssm_scan, convssm_step, hippo_n
 from ssmkit.core.generation import Generation, sample, sample_next
 from ssmkit.core.gla import gla, gla_step
 from ssmkit.core.hydra import Hydra
-from ssmkit.core.layers import DropPath, LayerNorm2d, RMSNorm, RMSNormGated, SwiGLU
-from ssmkit.core.mamba import (FlipOrder, Mamba, MambaBlock, MambaLM, MambaState, SequenceOrder, StridedOrder,
-                               causal_conv1d)
+from ssmkit.core.layers import DropPath, LayerNorm2d, RMSNorm, RMSNormGated, SwiGLU, causal_conv1d
+from ssmkit.core.mamba import FlipOrder, Mamba, MambaBlock, MambaLM, MambaState, SequenceOrder, StridedOrder
 from ssmkit.core.mamba2 import Mamba2
 from ssmkit.core.scan import linear_scan, selective_scan, selective_state_update
 from ssmkit.core.scan2d import Mamba2D, selective_scan_2d

@@ -134,16 +134,15 @@ def _convert(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tens
     return out
 
 
-def load_pretrained_lm(folder: str | Path, *, device=None, dtype=None):
-    """`MambaLM.from_pretrained`: build the model its config.json describes and load its weights."""
-    from ssmkit.core.mamba import MambaLM
-
+def load_pretrained_lm(model_class, folder: str | Path, *, device=None, dtype=None):
+    """`MambaLM.from_pretrained`: build the `model_class` (MambaLM) its config.json describes and load its
+    weights."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (give the folder holding config.json and the weights)")
     options = lm_options(read_lm_config(folder), str(folder / "config.json"))
     try:
-        model = MambaLM(**options, device=device)
+        model = model_class(**options, device=device)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
     state = _convert(_read_weights(folder), options["tie_embeddings"])

@@ -1,4 +1,4 @@
-"""The Mamba-1 mixer, its second-branch variants (bidirectional, sequence-reordered) and a small LM.
+"""The Mamba-1 mixer, its second-branch variants (bidirectional, sequence-reordered) and the Mamba / Mamba-2 LM.
 
 `Mamba` uses mamba_ssm's parameter names, shapes and initialisation, so a mamba_ssm `Mamba` state dict
 loads unchanged. With `branch_order` it gains a second set of direction parameters under Vision Mamba's
@@ -19,14 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssmkit.core.layers import DropPath, RMSNorm
+from ssmkit.core.layers import DropPath, RMSNorm, causal_conv1d
+from ssmkit.core.lm_checkpoints import load_pretrained_lm
+from ssmkit.core.mamba2 import Mamba2
 from ssmkit.core.scan import selective_scan, selective_state_update
 from ssmkit.registry import register_model
 
 __all__ = [
     "SequenceOrder",
     "FlipOrder",
-    "causal_conv1d",
     "StridedOrder",
     "MambaState",
     "Mamba",
@@ -136,27 +137,6 @@ def _sequence_order(order: SequenceOrder | str) -> SequenceOrder:
 
 # ----------------------------------------------------------------------------------------------------
 # The mixer
-
-
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  reverse: bool = False) -> torch.Tensor:
-    """Depthwise causal convolution: y[:, d, t] = bias[d] + sum_k weight[d, k] x[:, d, t - (K-1) + k].
-
-    x: (batch, dim, L), any strides; weight: (dim, 1, K) (an `nn.Conv1d(groups=dim)` weight) or (dim, K).
-    reverse: anti-causal, y[:, d, t] = bias[d] + sum_k weight[d, k] x[:, d, t + (K-1) - k], i.e. the causal
-    convolution of the flipped sequence, flipped back. Written as K shifted multiply-adds over the
-    channel-last (batch, L, dim) layout, which on CPU runs several times faster than a grouped conv1d
-    with one channel per group; the result is a channel-last (batch, dim, L) view.
-    """
-    w = weight.reshape(weight.shape[0], -1).t().contiguous()  # (K, dim)
-    K, L = w.shape[0], x.shape[-1]
-    xp = F.pad(x.transpose(1, 2), (0, 0, 0, K - 1) if reverse else (0, 0, K - 1, 0))  # (batch, L + K - 1, dim)
-    taps = [xp[:, K - 1 - k: K - 1 - k + L] for k in range(K)] if reverse else [xp[:, k: k + L] for k in range(K)]
-    y = taps[0] * w[0] if bias is None else torch.addcmul(bias, taps[0], w[0])
-    for k in range(1, K):
-        y = y.addcmul_(taps[k], w[k])
-    return y.transpose(1, 2)
-
 
 
 @dataclass
@@ -440,8 +420,6 @@ def _mixer_class(mixer: str):
     if mixer == "mamba":
         return Mamba
     if mixer == "mamba2":
-        from ssmkit.core.mamba2 import Mamba2
-
         return Mamba2
     raise ValueError(f"mixer must be 'mamba' or 'mamba2', got {mixer!r}")
 
@@ -496,9 +474,7 @@ class MambaLM(nn.Module):
         mamba_ssm's (`state-spaces/mamba-*`, `mamba2-*`: config.json with d_model, n_layer, ssm_cfg, ...
         + pytorch_model.bin) or HF transformers' (`MambaForCausalLM` / `Mamba2ForCausalLM`: config.json
         + model.safetensors, sharded or not). Read without running code from the files; in eval mode."""
-        from ssmkit.core.lm_checkpoints import load_pretrained_lm
-
-        return load_pretrained_lm(folder, device=device, dtype=dtype)
+        return load_pretrained_lm(cls, folder, device=device, dtype=dtype)
 
     def _head(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         residual = hidden if residual is None else hidden + residual

@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssmkit.core.layers import RMSNormGated
-from ssmkit.core.mamba import causal_conv1d
+from ssmkit.core.layers import RMSNormGated, causal_conv1d
 from ssmkit.core.ssd import ssd_scan, ssd_state_update
 
 __all__ = ["Mamba2", "Mamba2State", "init_head_dt_bias"]

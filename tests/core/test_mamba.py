@@ -13,9 +13,8 @@ from ssmkit.core.mamba import (
     MambaState,
     SequenceOrder,
     StridedOrder,
-    causal_conv1d,
 )
-from ssmkit.core.layers import RMSNorm
+from ssmkit.core.layers import RMSNorm, causal_conv1d
 from ssmkit.core.scan import selective_scan
 
 D_MODEL, N_STATE = 16, 4  # d_inner 32, dt_rank 1
