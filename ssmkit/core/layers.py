@@ -99,19 +99,24 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  reverse: bool = False) -> torch.Tensor:
+                  reverse: bool = False, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal convolution: y[:, d, t] = bias[d] + sum_k weight[d, k] x[:, d, t - (K-1) + k].
 
     x: (batch, dim, L), any strides; weight: (dim, 1, K) (an `nn.Conv1d(groups=dim)` weight) or (dim, K).
     reverse: anti-causal, y[:, d, t] = bias[d] + sum_k weight[d, k] x[:, d, t + (K-1) - k], i.e. the causal
-    convolution of the flipped sequence, flipped back. Written as K shifted multiply-adds over the
-    channel-last (batch, L, dim) layout, which on CPU runs several times faster than a grouped conv1d
-    with one channel per group; the result is a channel-last (batch, dim, L) view.
+    convolution of the flipped sequence, flipped back. seq_idx (batch, L): packed sequences; a tap that
+    reads another sequence reads zero, as if each sequence were convolved alone. Written as K shifted
+    multiply-adds over the channel-last (batch, L, dim) layout, which on CPU runs several times faster
+    than a grouped conv1d with one channel per group; the result is a channel-last (batch, dim, L) view.
     """
     w = weight.reshape(weight.shape[0], -1).t().contiguous()  # (K, dim)
     K, L = w.shape[0], x.shape[-1]
     xp = F.pad(x.transpose(1, 2), (0, 0, 0, K - 1) if reverse else (0, 0, K - 1, 0))  # (batch, L + K - 1, dim)
-    taps = [xp[:, K - 1 - k: K - 1 - k + L] for k in range(K)] if reverse else [xp[:, k: k + L] for k in range(K)]
+    starts = [K - 1 - k for k in range(K)] if reverse else list(range(K))
+    taps = [xp[:, s: s + L] for s in starts]
+    if seq_idx is not None:
+        padded = F.pad(seq_idx, (0, K - 1) if reverse else (K - 1, 0), value=-1)
+        taps = [tap * (padded[:, s: s + L] == seq_idx)[..., None].to(tap.dtype) for tap, s in zip(taps, starts)]
     y = taps[0] * w[0] if bias is None else torch.addcmul(bias, taps[0], w[0])
     for k in range(1, K):
         y = y.addcmul_(taps[k], w[k])

@@ -115,12 +115,13 @@ class Mamba2(nn.Module):
         return self.out_proj(y)
 
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """u (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): packed sequences; the scan's
-        state resets between them (the conv still sees the last d_conv - 1 inputs of the previous one)."""
+        """u (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): packed sequences, each mixed
+        as if it were alone (the conv and the scan both restart at each one)."""
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2 expects input of shape (batch, length, {self.d_model}), got {tuple(u.shape)}")
         z0, x0, z, xBC, dt = self._split(self.in_proj(u))
-        xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias)).transpose(1, 2)
+        xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                   seq_idx=seq_idx)).transpose(1, 2)
         x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         heads = (self.nheads, self.headdim)
         y = ssd_scan(x.unflatten(-1, heads), dt, B=B.unflatten(-1, (self.ngroups, self.d_state)),

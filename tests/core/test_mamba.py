@@ -241,6 +241,17 @@ def test_lm_step_matches_forward_and_init():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
+def test_causal_conv1d_packed_sequences_equal_separate_ones(reverse):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 6, 12, generator=g, dtype=torch.float64)
+    w, b = torch.randn(6, 1, 4, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 2 + [2] * 5])
+    packed = causal_conv1d(x, w, b, reverse=reverse, seq_idx=seq_idx)
+    parts = [causal_conv1d(x[..., a:z], w, b, reverse=reverse) for a, z in ((0, 5), (5, 7), (7, 12))]
+    torch.testing.assert_close(packed, torch.cat(parts, -1))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_causal_conv1d_matches_grouped_conv1d(reverse, bias):
     g = torch.Generator().manual_seed(4)

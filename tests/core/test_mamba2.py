@@ -87,11 +87,11 @@ def test_step_equals_forward(config):
 
 def test_packed_sequences_reset_the_scan_state():
     torch.manual_seed(2)
-    m = Mamba2(d_model=16, d_state=4, headdim=8, d_conv=1).double()  # d_conv 1: no conv across the boundary
+    m = Mamba2(d_model=16, d_state=4, headdim=8, chunk_size=8).double()
     u = torch.randn(1, 30, 16, dtype=torch.float64)
-    seq_idx = torch.tensor([[0] * 11 + [1] * 19])
+    seq_idx = torch.tensor([[0] * 11 + [1] * 2 + [2] * 17])  # one sequence shorter than the conv
     packed = m(u, seq_idx=seq_idx)
-    torch.testing.assert_close(packed, torch.cat([m(u[:, :11]), m(u[:, 11:])], 1))
+    torch.testing.assert_close(packed, torch.cat([m(u[:, :11]), m(u[:, 11:13]), m(u[:, 13:])], 1))
 
 
 def test_grouped_gated_norm_normalises_each_group():
