@@ -226,3 +226,28 @@ def test_strided_inputs_give_the_same_result():
     g = torch.autograd.grad((y * y).sum() + last.sum(), list(inp.values()))
     gs = torch.autograd.grad((ys * ys).sum() + lasts.sum(), list(strided.values()))
     assert_close_all(g, gs)
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_matches_cpu_at_mamba2_sizes():
+    """The chunked SSD on CUDA (what Mamba2 runs there until a Triton SSD exists) with bf16 inputs and
+    fp32 state, against the CPU computation on the same (bf16-rounded) values in fp32: forward and every
+    gradient, compared by relative error norm."""
+    inp = {k: v.detach() for k, v in make_inputs(batch=2, length=1000, heads=8, headdim=64, groups=1,
+                                                  d_state=128, dtype=torch.float32).items()}
+    args = {**inp, **{k: v.detach() for k, v in extras(inp, D="head", dt_bias=True).items()}}
+    low = {k: v.to(torch.bfloat16) if v.dim() > 1 else v for k, v in args.items()}
+    cpu = {k: v.float().clone().requires_grad_() for k, v in low.items()}
+    gpu = {k: v.clone().cuda().requires_grad_() for k, v in low.items()}
+    y, yg = ssd_scan(**cpu, dt_softplus=True), ssd_scan(**gpu, dt_softplus=True)
+    assert yg.dtype == torch.bfloat16
+
+    def rel(a, b):
+        return float((a.detach().float().cpu() - b.detach()).norm() / b.detach().norm())
+
+    assert rel(yg, y) < 1e-2
+    probe = torch.randn(y.shape)
+    (y * probe).sum().backward()
+    (yg.float() * probe.cuda()).sum().backward()
+    for name in args:
+        assert rel(gpu[name].grad, cpu[name].grad) < 2e-2, name
