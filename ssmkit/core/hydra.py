@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssmkit.core.layers import RMSNormGated
-from ssmkit.core.mamba2 import init_head_dt_bias
+from ssmkit.core.layers import RMSNormGated, inverse_softplus_dt
 from ssmkit.core.ssd import ssd_scan
 
 __all__ = ["Hydra"]
@@ -72,7 +71,7 @@ class Hydra(nn.Module):
             self.init_states._no_weight_decay = True
         else:
             self.init_states = None
-        self.dt_bias = nn.Parameter(init_head_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor, device))
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor, device))
         self.A_log = nn.Parameter(torch.zeros(self.nheads, device=device))  # A = -1 for every head
         self.D = nn.Parameter(torch.ones(self.nheads, device=device))
         for p in (self.dt_bias, self.A_log, self.D):

@@ -1,12 +1,15 @@
 """Building blocks that models of several domains share: norms (incl. Mamba-2's gated RMSNorm), the
-SwiGLU feed-forward, stochastic depth, and the depthwise causal convolution of the Mamba mixers."""
+SwiGLU feed-forward, stochastic depth, and what the Mamba mixers share: their depthwise causal
+convolution (whole sequence and one step) and the initialisation of their step sizes."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["causal_conv1d", "RMSNorm", "RMSNormGated", "LayerNorm2d", "SwiGLU", "DropPath", "drop_path_rates"]
+__all__ = ["causal_conv1d", "causal_conv1d_step", "inverse_softplus_dt", "RMSNorm", "RMSNormGated", "LayerNorm2d", "SwiGLU", "DropPath", "drop_path_rates"]
 
 
 class RMSNorm(nn.Module):
@@ -121,3 +124,22 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     for k in range(1, K):
         y = y.addcmul_(taps[k], w[k])
     return y.transpose(1, 2)
+
+
+def causal_conv1d_step(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One position of `causal_conv1d`: shifts the newest input x (batch, dim) into `conv_state`
+    (batch, dim, K), in place, and returns the convolution at that position (batch, dim)."""
+    conv_state.copy_(conv_state.roll(-1, dims=-1))
+    conv_state[:, :, -1] = x
+    y = (conv_state * weight.reshape(weight.shape[0], -1)).sum(-1)
+    return y if bias is None else y + bias
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None,
+                        dtype=None) -> torch.Tensor:
+    """mamba_ssm's step-size initialisation: n step sizes drawn log-uniformly in [dt_min, dt_max], floored at
+    dt_init_floor, returned as the bias whose softplus they are (dt + log(1 - exp(-dt)))."""
+    dt = torch.exp(torch.rand(n, device=device, dtype=dtype) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))

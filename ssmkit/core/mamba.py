@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssmkit.core.layers import DropPath, RMSNorm, causal_conv1d
+from ssmkit.core.layers import DropPath, RMSNorm, causal_conv1d, causal_conv1d_step, inverse_softplus_dt
 from ssmkit.core.lm_checkpoints import load_pretrained_lm
 from ssmkit.core.mamba2 import Mamba2
 from ssmkit.core.scan import selective_scan, selective_state_update
@@ -166,11 +166,7 @@ def add_ssm_parameters(module: nn.Module, names, d_inner: int, d_state: int, dt_
             nn.init.constant_(dt_proj.weight, std)
         else:
             nn.init.uniform_(dt_proj.weight, -std, std)
-        # softplus(bias) = dt, log-uniform in [dt_min, dt_max]; inverse softplus: dt + log(1 - exp(-dt))
-        dt = torch.exp(
-            torch.rand(d_inner, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        ).clamp(min=dt_init_floor)
-        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias.copy_(inverse_softplus_dt(d_inner, dt_min, dt_max, dt_init_floor, **factory))
     dt_proj.bias._no_reinit = True
     setattr(module, dt_name, dt_proj)
     a_log = torch.arange(1, d_state + 1, dtype=torch.float32, device=factory["device"]).log().repeat(d_inner, 1)
@@ -315,13 +311,7 @@ class Mamba(nn.Module):
                 f"(batch, 1, {self.d_model}), got {tuple(x_t.shape)}"
             )
         x, z = self.in_proj(x_t.reshape(x_t.shape[0], self.d_model)).chunk(2, dim=-1)
-        conv_state = state.conv_state
-        conv_state.copy_(conv_state.roll(-1, dims=-1))
-        conv_state[:, :, -1] = x
-        x = (conv_state * self.conv1d.weight.squeeze(1)).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = F.silu(x).to(z.dtype)
+        x = F.silu(causal_conv1d_step(state.conv_state, x, self.conv1d.weight, self.conv1d.bias)).to(z.dtype)
         dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = selective_state_update(
             state.ssm_state, x, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), b, c,

@@ -10,17 +10,16 @@ follows the recurrent-step protocol of `ssmkit.core.generation` and equals `forw
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssmkit.core.layers import RMSNormGated, causal_conv1d
+from ssmkit.core.layers import RMSNormGated, causal_conv1d, causal_conv1d_step, inverse_softplus_dt
 from ssmkit.core.ssd import ssd_scan, ssd_state_update
 
-__all__ = ["Mamba2", "Mamba2State", "init_head_dt_bias"]
+__all__ = ["Mamba2", "Mamba2State"]
 
 
 @dataclass
@@ -29,13 +28,6 @@ class Mamba2State:
 
     conv_state: torch.Tensor  # (batch, conv_dim, d_conv)
     ssm_state: torch.Tensor  # (batch, nheads, headdim, d_state), fp32 (fp64 for fp64 models)
-
-
-def init_head_dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None) -> torch.Tensor:
-    """Inverse softplus of step sizes drawn log-uniformly in [dt_min, dt_max] (floored), one per head."""
-    dt = torch.exp(torch.rand(nheads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    dt = dt.clamp(min=dt_init_floor)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 class Mamba2(nn.Module):
@@ -88,7 +80,7 @@ class Mamba2(nn.Module):
                                 bias=conv_bias, **factory)
         if conv_init is not None:
             nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
-        self.dt_bias = nn.Parameter(init_head_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor, device))
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor, device))
         A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
@@ -148,12 +140,7 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2.step expects one token of shape (batch, {self.d_model}) or "
                              f"(batch, 1, {self.d_model}), got {tuple(u_t.shape)}")
         z0, x0, z, xBC, dt = self._split(self.in_proj(u_t.reshape(u_t.shape[0], self.d_model)))
-        conv = state.conv_state
-        conv.copy_(conv.roll(-1, dims=-1))
-        conv[:, :, -1] = xBC
-        xBC = (conv * self.conv1d.weight.squeeze(1)).sum(-1)
-        if self.conv1d.bias is not None:
-            xBC = xBC + self.conv1d.bias
+        xBC = causal_conv1d_step(state.conv_state, xBC, self.conv1d.weight, self.conv1d.bias)
         x, B, C = F.silu(xBC).to(z.dtype).split([self.d_ssm, self.ngroups * self.d_state,
                                                  self.ngroups * self.d_state], dim=-1)
         heads = (self.nheads, self.headdim)

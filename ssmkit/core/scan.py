@@ -132,8 +132,9 @@ def _triton_ready(device: torch.device) -> bool:
     return triton_available(device)
 
 
-def _reset_gate(seq_idx: torch.Tensor, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
-    """keep[b, t] = 0 where position t starts a new packed sequence (in scan order), else 1."""
+def reset_gate(seq_idx: torch.Tensor, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
+    """keep[b, t] = 0 where position t starts a new packed sequence (in scan order), else 1, in `dtype`
+    (bool for a mask); shared with the SSD scan."""
     keep = torch.ones(seq_idx.shape, dtype=dtype, device=seq_idx.device)
     same = (seq_idx[:, 1:] == seq_idx[:, :-1]).to(dtype)
     if reverse:
@@ -180,7 +181,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             dt = dt + delta_bias.to(cd)[:, None]
         if delta_softplus:
             dt = F.softplus(dt)
-        keep = None if seq_idx is None else _reset_gate(seq_idx, reverse, cd)
+        keep = None if seq_idx is None else reset_gate(seq_idx, reverse, cd)
         groups = math.lcm(B.shape[1], C.shape[1])  # one grouping for both (e.g. B shared, C per channel)
         B, C = (X if X.shape[1] == groups else X.repeat_interleave(groups // X.shape[1], dim=1) for X in (B, C))
         scan = _scan_ref if name == "ref" else chunked_scan

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ssmkit.core.scan import reset_gate
 from ssmkit.util import compute_dtype, shape_error
 
 __all__ = ["ssd_scan", "ssd_state_update", "BACKENDS"]
@@ -140,7 +141,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, d
     name = _pick_backend(backend)
     cd = compute_dtype(x, dt, B)
     step = _step_sizes(dt, dt_bias, dt_softplus, dt_limit, cd)
-    keep = None if seq_idx is None else _reset_gate(seq_idx, reverse)
+    keep = None if seq_idx is None else reset_gate(seq_idx, reverse, torch.bool)
     h0 = None if initial_state is None else initial_state.to(cd)
     xs, Bs, Cs, As = x.to(cd), B.to(cd), C.to(cd), A.to(cd)
     if name == "ref":
@@ -171,17 +172,6 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     state.copy_(new)
     y = (new @ Ch[..., None]).squeeze(-1)
     return _skip_and_gate(y, x, D, z, cd).to(x.dtype)
-
-
-def _reset_gate(seq_idx: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """keep[b, t] = False where the state arriving at t (in scan order) belongs to another sequence."""
-    keep = torch.ones(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
-    same = seq_idx[:, 1:] == seq_idx[:, :-1]
-    if reverse:
-        keep[:, :-1] = same
-    else:
-        keep[:, 1:] = same
-    return keep
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssmkit.core.scan import _reset_gate, chunked_scan, selective_scan, selective_state_update
+from ssmkit.core.scan import chunked_scan, reset_gate, selective_scan, selective_state_update
 
 CPU_BACKENDS = ["ref", "chunked", "cpu"]
 f64 = torch.float64
@@ -149,7 +149,7 @@ def test_chunk_size_does_not_change_the_result(chunk, reverse):
     dt = F.softplus(x["delta"])
     seq_idx = (torch.arange(37) >= 11).long().expand(2, 37)
     want = oracle(x["u"], dt, x["A"], x["B"], x["C"], h0=x["h0"], reverse=reverse, seq_idx=seq_idx)
-    keep = _reset_gate(seq_idx, reverse, f64)
+    keep = reset_gate(seq_idx, reverse, f64)
     got = chunked_scan(x["u"], dt, x["A"], x["B"], x["C"], x["h0"], keep, reverse, chunk_size=chunk)
     assert_close(got, want, 1e-10, 1e-10)
 
