@@ -254,8 +254,9 @@ class _Chunks:
 
 class _ChunkedSSD(torch.autograd.Function):
     """x (b, L, heads, p), dt and dA (b, L, heads), B and C (b, L, g, n) with L a multiple of Q, h0
-    (b, g, k, p, n) or None. Saves the inputs and the states entering each chunk (O(b·L/Q·heads·p·n));
-    the (Q, Q) decays and scores are recomputed in backward, a few chunks at a time."""
+    (b, g, k, p, n) or None. Saves the inputs, the states entering each chunk (O(b·L/Q·heads·p·n)) and
+    the decays from those states to each position (the size of dt); the (Q, Q) decays and scores are
+    recomputed in backward, a few chunks at a time."""
 
     @staticmethod
     def forward(ctx, x, dt, dA, B, C, h0, reverse, Q):
@@ -264,9 +265,11 @@ class _ChunkedSSD(torch.autograd.Function):
         y = torch.empty_like(x)
         states = x.new_empty(b, G, K, nc, P, N)  # each chunk's own end state, then the state entering it
         decay = x.new_empty(b, G, K, nc)
+        entry = torch.empty_like(dt)  # the edge decays E, kept for the second pass and for backward
         for cs in ch.slices:
-            W = _inner_decays(ch.h(dA, cs), reverse)
-            _, Fw, decay[..., cs] = _edge_decays(ch.h(dA, cs), reverse)
+            dA_s = ch.h(dA, cs)
+            W = _inner_decays(dA_s, reverse)
+            ch.h(entry, cs)[...], Fw, decay[..., cs] = _edge_decays(dA_s, reverse)
             Bs, Cs = ch.bc(B, cs), ch.bc(C, cs)
             u = (ch.x(x, cs) * ch.h(dt, cs)[..., None]).contiguous()  # compact rows for the batched products
             ch.x(y, cs)[...] = W.mul_((Cs @ Bs.mT)[:, :, None]) @ u
@@ -277,15 +280,15 @@ class _ChunkedSSD(torch.autograd.Function):
             states[..., c, :, :] = s
             s = s.mul_(decay[..., c, None, None]).add_(own)
         for cs in ch.slices:
-            E = _edge_decays(ch.h(dA, cs), reverse)[0]
-            ch.x(y, cs)[...] += torch.einsum("bgctn,bgkcpn->bgkctp", ch.bc(C, cs), states[..., cs, :, :]) * E[..., None]
-        ctx.save_for_backward(x, dt, dA, B, C, states, decay)
+            ch.x(y, cs)[...] += (torch.einsum("bgctn,bgkcpn->bgkctp", ch.bc(C, cs), states[..., cs, :, :])
+                                 * ch.h(entry, cs)[..., None])
+        ctx.save_for_backward(x, dt, dA, B, C, states, decay, entry)
         ctx.reverse, ctx.has_h0, ctx.Q = reverse, h0 is not None, Q
         return y, s
 
     @staticmethod
     def backward(ctx, gy, glast):
-        x, dt, dA, B, C, states, decay = ctx.saved_tensors
+        x, dt, dA, B, C, states, decay, entry = ctx.saved_tensors
         reverse = ctx.reverse
         ch = _Chunks(x, B.shape[2], ctx.Q)
         nc = ch.nc
@@ -294,9 +297,8 @@ class _ChunkedSSD(torch.autograd.Function):
         # the states' adjoint: first what each chunk's outputs ask of the state entering it ...
         gstates = torch.empty_like(states)
         for cs in ch.slices:
-            E = _edge_decays(ch.h(dA, cs), reverse)[0]
             gys, Cs, S = ch.x(gy, cs), ch.bc(C, cs), states[..., cs, :, :]
-            gyE = gys * E[..., None]
+            gyE = gys * ch.h(entry, cs)[..., None]
             gstates[..., cs, :, :] = torch.einsum("bgkctp,bgctn->bgkcpn", gyE, Cs)
             ch.bc(gC, cs)[...] = torch.einsum("bgkctp,bgkcpn->bgctn", gyE, S)
             ch.h(gE, cs)[...] = (gys * torch.einsum("bgctn,bgkcpn->bgkctp", Cs, S)).sum(-1)
