@@ -106,8 +106,9 @@ class MambaMIL(_PooledMIL):
     stride `rate` (`StridedOrder`: the bag zero-padded to a multiple of R and read every R-th instance),
     the two branch outputs summed (no halving) before out_proj. `mixer` "bi" uses a flipped second
     branch (BiMamba), "uni" a plain Mamba; "mamba2" a causal Mamba-2 (SSD) mixer and "hydra" Hydra's
-    bidirectional SSD mixer (`headdim` channels per head; `d_conv` defaults to 4, and to Hydra's 7). The order of the instances matters (they are scanned in
-    the order given; ssmkit's tiler writes row-major). `rate` defaults to 5, the value of every released
+    bidirectional SSD mixer (`headdim` channels per head; `d_conv` None keeps each mixer's own width: 4,
+    Hydra's 7). The order of the instances matters (they are scanned in the order given; ssmkit's tiler
+    writes row-major). `rate` defaults to 5, the value of every released
     training script (the reference constructor's default is 10).
 
     `init="reference"` (default) re-initialises every Linear as the reference does (`reference_init`,
@@ -125,16 +126,17 @@ class MambaMIL(_PooledMIL):
         self.in_dim, self.n_classes = in_dim, n_classes
         self._fc1 = _projection(in_dim, d_model, dropout)
 
+        shared = dict(d_state=d_state, expand=expand, backend=backend)
+        if d_conv is not None:  # else the mixer's own width (Mamba, Mamba2: 4; Hydra: 7)
+            shared["d_conv"] = d_conv
+
         def make_mixer() -> nn.Module:
             if mixer == "hydra":
-                return Hydra(d_model, d_state=d_state, d_conv=d_conv or 7, expand=expand, headdim=headdim,
-                             backend=backend)
+                return Hydra(d_model, headdim=headdim, **shared)
             if mixer == "mamba2":
-                return Mamba2(d_model, d_state=d_state, d_conv=d_conv or 4, expand=expand, headdim=headdim,
-                              backend=backend)
+                return Mamba2(d_model, headdim=headdim, **shared)
             order = {"sr": StridedOrder(rate), "bi": "flip", "uni": None}[mixer]
-            return Mamba(d_model, d_state=d_state, d_conv=d_conv or 4, expand=expand, branch_order=order,
-                         divide_out=False, backend=backend)
+            return Mamba(d_model, branch_order=order, divide_out=False, **shared)
 
         self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(d_model), make_mixer()) for _ in range(n_layers))
         self._finish_init(d_model, n_classes, init)

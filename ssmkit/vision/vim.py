@@ -210,15 +210,16 @@ class VisionMamba(nn.Module):
             raise ValueError(f"scan_order {scan_order!r} needs the 'mamba' mixer: Hydra scans the sequence both ways")
         self.mixer = mixer
         block = dict(norm="rms", eps=norm_eps, residual_in_fp32=residual_in_fp32)
+        conv = {} if d_conv is None else {"d_conv": d_conv}  # None: the mixer's own width (Mamba 4, Hydra 7)
         if mixer == "mamba":
             self.layers = nn.ModuleList(
-                MambaBlock(embed_dim, **block, drop_path=inter_dpr[i], d_state=d_state, d_conv=d_conv or 4,
-                           expand=expand, branch_order=branch, divide_out=divide_out, backend=backend, layer_idx=i)
+                MambaBlock(embed_dim, **block, drop_path=inter_dpr[i], d_state=d_state, **conv, expand=expand,
+                           branch_order=branch, divide_out=divide_out, backend=backend, layer_idx=i)
                 for i in range(depth))
         else:
             self.layers = nn.ModuleList(
                 MambaBlock(embed_dim, **block, drop_path=inter_dpr[i],
-                           mixer=Hydra(embed_dim, d_state=d_state, d_conv=d_conv or 7, expand=expand, headdim=headdim,
+                           mixer=Hydra(embed_dim, d_state=d_state, **conv, expand=expand, headdim=headdim,
                                        backend=backend, layer_idx=i))
                 for i in range(depth))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
